@@ -1,0 +1,7 @@
+"""``python -m trivmm``"""
+
+import sys
+
+from trivmm.cli import main
+
+sys.exit(main())

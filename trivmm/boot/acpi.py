@@ -1,0 +1,130 @@
+"""ACPI tables: RSDP -> XSDT -> {FADT -> DSDT, MADT}, written at ``ACPI_START``.
+
+The FADT describes PIIX4-like fixed hardware at PIO 0x600 (``trivmm.devices.acpi_pm``):
+PM1a event and control blocks and a reset register, no SMI command port (the platform is
+born in ACPI mode). The DSDT holds one object, ``\\_S5`` = {5, 5, 0, 0}, which is what a
+kernel needs to power off through PM1a control. The MADT lists one enabled local APIC per
+vCPU and the IOAPIC; ISA IRQs map to GSIs one-to-one (no overrides), as KVM routes them.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from trivmm.boot.layout import ACPI_START, BIOS_START, HIMEM_START, IOAPIC_ADDRESS, LAPIC_ADDRESS
+from trivmm.boot.mptable import ioapic_id
+from trivmm.devices.acpi_pm import (
+    ACPI_PM_PORT,
+    PM1_CONTROL_OFFSET,
+    PM1_EVENT_OFFSET,
+    RESET_OFFSET,
+    RESET_VALUE,
+    S5_SLEEP_TYPE,
+)
+
+__all__ = ["AcpiTables", "build_acpi_tables", "SCI_IRQ"]
+
+SCI_IRQ = 9
+_OEM_ID = b"TRIVMM"
+_OEM_TABLE_ID = b"TRIVMMVM"
+_CREATOR_ID = b"TVMM"
+_FADT_SIZE = 276
+_FADT_REVISION = 6
+_GAS_SYSTEM_IO = 1
+_ACCESS_BYTE, _ACCESS_WORD, _ACCESS_DWORD = 1, 2, 3
+_FADT_WBINVD = 1 << 0
+_FADT_PWR_BUTTON = 1 << 4  # no fixed-feature power button
+_FADT_SLP_BUTTON = 1 << 5
+_FADT_RESET_REG_SUP = 1 << 10
+_IAPC_LEGACY_DEVICES = 1 << 0
+_IAPC_8042 = 1 << 1
+_MADT_PCAT_COMPAT = 1
+
+
+def _checksum(data: bytes) -> int:
+    return -sum(data) & 0xFF
+
+
+def _table(signature: bytes, revision: int, body: bytes) -> bytes:
+    header = struct.pack("<4sIBB6s8sI4sI", signature, 36 + len(body), revision, 0,
+                         _OEM_ID, _OEM_TABLE_ID, 1, _CREATOR_ID, 1)  # fmt: skip
+    table = bytearray(header + body)
+    table[9] = _checksum(bytes(table))
+    return bytes(table)
+
+
+def _gas(address: int, bit_width: int, access_size: int) -> bytes:
+    return struct.pack("<BBBBQ", _GAS_SYSTEM_IO, bit_width, 0, access_size, address)
+
+
+def _aml_s5() -> bytes:
+    # Name (_S5, Package (4) { 5, 5, 0, 0 })
+    elements = bytes([0x0A, S5_SLEEP_TYPE, 0x0A, S5_SLEEP_TYPE, 0x00, 0x00])
+    package = bytes([0x12, 2 + len(elements), 4]) + elements
+    return b"\x08_S5_" + package
+
+
+def _fadt(dsdt_address: int) -> bytes:
+    body = bytearray(_FADT_SIZE - 36)
+
+    def put(offset: int, fmt: str, *values: int | bytes) -> None:
+        struct.pack_into(fmt, body, offset - 36, *values)
+
+    pm1a_evt = ACPI_PM_PORT + PM1_EVENT_OFFSET
+    pm1a_cnt = ACPI_PM_PORT + PM1_CONTROL_OFFSET
+    put(40, "<I", dsdt_address)
+    put(46, "<H", SCI_IRQ)
+    put(56, "<I", pm1a_evt)
+    put(64, "<I", pm1a_cnt)
+    put(88, "<BB", 4, 2)  # PM1_EVT_LEN, PM1_CNT_LEN
+    put(96, "<HH", 0x65, 0x3E9)  # C2/C3 latencies above the limits: no C2/C3
+    put(109, "<H", _IAPC_LEGACY_DEVICES | _IAPC_8042)
+    put(112, "<I", _FADT_WBINVD | _FADT_PWR_BUTTON | _FADT_SLP_BUTTON | _FADT_RESET_REG_SUP)
+    put(116, "<12s", _gas(ACPI_PM_PORT + RESET_OFFSET, 8, _ACCESS_BYTE))
+    put(128, "<B", RESET_VALUE)
+    put(131, "<B", 5)  # FADT minor version: 6.5
+    put(140, "<Q", dsdt_address)
+    put(148, "<12s", _gas(pm1a_evt, 32, _ACCESS_WORD))
+    put(172, "<12s", _gas(pm1a_cnt, 16, _ACCESS_WORD))
+    return _table(b"FACP", _FADT_REVISION, bytes(body))
+
+
+def _madt(vcpus: int) -> bytes:
+    body = struct.pack("<II", LAPIC_ADDRESS, _MADT_PCAT_COMPAT)
+    for cpu in range(vcpus):
+        body += struct.pack("<BBBBI", 0, 8, cpu, cpu, 1)  # processor local APIC, enabled
+    body += struct.pack("<BBBBII", 1, 12, ioapic_id(vcpus), 0, IOAPIC_ADDRESS, 0)
+    return _table(b"APIC", 5, body)
+
+
+class AcpiTables:
+    """The tables laid out from ``address``; ``rsdp_address`` is what boot_params carries."""
+
+    def __init__(self, vcpus: int, address: int = ACPI_START) -> None:
+        if not 1 <= vcpus <= 255:
+            raise ValueError(f"the MADT describes 1..255 CPUs here, not {vcpus}")
+        self.rsdp_address = address
+        blobs: list[tuple[int, bytes]] = []
+        cursor = address + 36  # after the RSDP
+
+        def place(blob: bytes) -> int:
+            nonlocal cursor
+            at = (cursor + 15) & ~15
+            blobs.append((at, blob))
+            cursor = at + len(blob)
+            return at
+
+        dsdt = place(_table(b"DSDT", 2, _aml_s5()))
+        fadt = place(_fadt(dsdt))
+        madt = place(_madt(vcpus))
+        xsdt = place(_table(b"XSDT", 1, struct.pack("<QQ", fadt, madt)))
+        rsdp = bytearray(struct.pack("<8sB6sBIIQB3x", b"RSD PTR ", 0, _OEM_ID, 2, 0, 36, xsdt, 0))
+        rsdp[8] = _checksum(bytes(rsdp[:20]))
+        rsdp[32] = _checksum(bytes(rsdp))
+        self.blobs: list[tuple[int, bytes]] = [(address, bytes(rsdp)), *blobs]
+        if cursor > HIMEM_START or address < BIOS_START and cursor > BIOS_START:
+            raise ValueError("ACPI tables do not fit their area")
+
+
+def build_acpi_tables(vcpus: int) -> AcpiTables:
+    return AcpiTables(vcpus)

@@ -1,0 +1,89 @@
+"""ELF64 kernel images (``vmlinux``): loadable segments and the PVH entry note.
+
+The file is untrusted: the header, the program-header table, each segment and each note
+must lie inside the file, and segment sizes must be sane (``filesz <= memsz``); anything
+else is a ``KernelImageError``. Placement in guest memory is checked by ``GuestMemory``.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import attrs
+
+from trivmm.boot.bzimage import KernelImageError
+
+__all__ = ["ElfImage", "ElfSegment", "XEN_ELFNOTE_PHYS32_ENTRY"]
+
+_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+_PHDR = struct.Struct("<IIQQQQQQ")
+_NHDR = struct.Struct("<III")
+_ELFCLASS64 = 2
+_ELFDATA2LSB = 1
+_EM_X86_64 = 62
+_ET_EXEC = 2
+_PT_LOAD = 1
+_PT_NOTE = 4
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+
+
+@attrs.frozen
+class ElfSegment:
+    paddr: int
+    data: bytes  # the file bytes (filesz); the rest up to memsz is zero
+    memsz: int
+
+
+@attrs.frozen
+class ElfImage:
+    entry: int
+    segments: tuple[ElfSegment, ...]
+    pvh_entry: int | None
+
+    @property
+    def end(self) -> int:
+        return max(s.paddr + s.memsz for s in self.segments)
+
+    @classmethod
+    def parse(cls, image: bytes) -> ElfImage:
+        if len(image) < _EHDR.size or image[:4] != b"\x7fELF":
+            raise KernelImageError("not an ELF file")
+        ident, e_type, machine, _, entry, phoff, _, _, _, phentsize, phnum, *_ = _EHDR.unpack_from(image)
+        if ident[4] != _ELFCLASS64 or ident[5] != _ELFDATA2LSB or machine != _EM_X86_64:
+            raise KernelImageError("not a little-endian x86-64 ELF64 kernel")
+        if e_type != _ET_EXEC:
+            raise KernelImageError(f"ELF type {e_type} is not an executable (ET_EXEC)")
+        if phentsize != _PHDR.size or phnum == 0 or phoff + phnum * phentsize > len(image):
+            raise KernelImageError("ELF program header table is missing or runs past the file")
+        segments: list[ElfSegment] = []
+        pvh_entry = None
+        for i in range(phnum):
+            p_type, _, offset, _, paddr, filesz, memsz, _ = _PHDR.unpack_from(image, phoff + i * phentsize)
+            if offset + filesz > len(image):
+                raise KernelImageError(f"ELF segment {i} runs past the end of the file (truncated?)")
+            if p_type == _PT_LOAD and memsz:
+                if filesz > memsz:
+                    raise KernelImageError(f"ELF segment {i} has filesz > memsz")
+                segments.append(ElfSegment(paddr, image[offset : offset + filesz], memsz))
+            elif p_type == _PT_NOTE:
+                pvh_entry = _find_pvh_note(image[offset : offset + filesz]) or pvh_entry
+        if not segments:
+            raise KernelImageError("ELF file has no loadable segment")
+        return cls(entry, tuple(segments), pvh_entry)
+
+
+def _find_pvh_note(notes: bytes) -> int | None:
+    pos = 0
+    while pos + _NHDR.size <= len(notes):
+        namesz, descsz, n_type = _NHDR.unpack_from(notes, pos)
+        name_start = pos + _NHDR.size
+        desc_start = name_start + (namesz + 3) // 4 * 4
+        desc_end = desc_start + descsz
+        if desc_end > len(notes):
+            raise KernelImageError("ELF note runs past its segment")
+        if notes[name_start : name_start + namesz].rstrip(b"\0") == b"Xen" and n_type == XEN_ELFNOTE_PHYS32_ENTRY:
+            if descsz not in (4, 8):
+                raise KernelImageError(f"PVH entry note has a {descsz}-byte address")
+            return int.from_bytes(notes[desc_start:desc_end], "little")
+        pos = desc_start + (descsz + 3) // 4 * 4
+    return None

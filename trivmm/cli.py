@@ -1,0 +1,165 @@
+"""``python -m trivmm``: run a VM, build test guests.
+
+Exit status of ``run``: 0 when the guest powers off or resets, 1 when the VM fails, 2 for
+bad input (a missing file, a kernel that is not one, a bad size), 130 on Ctrl-C. Errors are
+one line on stderr; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import termios
+from collections.abc import Iterator, Sequence
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_VM_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    from trivmm.config import DEFAULT_LINUX_CMDLINE, MAX_VCPUS
+    from trivmm.cpu.templates import TEMPLATES
+
+    parser = argparse.ArgumentParser(prog="python -m trivmm", description="trivmm: a KVM virtual machine monitor.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="boot a guest with its console on this terminal",
+        description="Boot a guest. The guest's serial console is on stdout and stdin feeds its "
+        "serial port. Without --kernel, a tiny built-in guest prints a greeting and powers off. "
+        "Exit status: 0 when the guest powers off or resets, 1 when the VM fails, 2 for bad "
+        "input, 130 on Ctrl-C.",
+    )
+    run.add_argument("--kernel", metavar="PATH", help="bzImage or ELF vmlinux (default: the built-in guest)")
+    run.add_argument("--initrd", metavar="PATH", help="initramfs image")
+    run.add_argument("--append", metavar="STR", default="",
+                     help=f"kernel command line, added after the defaults ({DEFAULT_LINUX_CMDLINE!r} "
+                          "and the CPU template's)")  # fmt: skip
+    run.add_argument("--memory", metavar="SIZE", default="128M", help="guest RAM, e.g. 256M or 1G (default 128M)")
+    run.add_argument("--vcpus", metavar="N", type=int, default=1, help=f"number of vCPUs, 1..{MAX_VCPUS} (default 1)")
+    run.add_argument("--cpu-template", metavar="NAME", default="auto",
+                     choices=["auto", *TEMPLATES],
+                     help="CPU model: auto (detect the host), " + ", ".join(
+                         f"{t.name} ({t.description.split(':')[0]})" for t in TEMPLATES.values()))  # fmt: skip
+    run.add_argument("--boot-protocol", metavar="NAME", default="auto", choices=["auto", "linux64", "pvh"],
+                     help="how to enter an ELF vmlinux: pvh (its PVH note) or linux64 (the 64-bit "
+                          "entry); auto prefers PVH (default auto)")  # fmt: skip
+
+    guest = sub.add_parser("guest", help="build test guests from Debian packages")
+    guest_sub = guest.add_subparsers(dest="guest_command", required=True, metavar="ACTION")
+    build = guest_sub.add_parser("build", help="build the Debian-based test guests into a cache directory",
+                                 description="Build (a) a small kernel from Debian's linux-source with "
+                                 "trivmm's config fragment and (b) the stock Debian cloud kernel, each with "
+                                 "a busybox-static initramfs. Needs root and apt.")  # fmt: skip
+    build.add_argument("--dir", metavar="PATH", help="cache directory (default $TRIVMM_GUEST_DIR or ~/.cache/trivmm/guests)")
+    which = build.add_mutually_exclusive_group()
+    which.add_argument("--small-only", action="store_true", help="only the small kernel")
+    which.add_argument("--stock-only", action="store_true", help="only the stock cloud kernel")
+    build.add_argument("--jobs", type=int, default=None, help="parallel make jobs (default: all cores)")
+    guest_sub.add_parser("builtin", help="reassemble the built-in guest from its source (GNU as/ld)")
+    return parser
+
+
+@contextlib.contextmanager
+def _guest_terminal(fd: int) -> Iterator[None]:
+    """Non-canonical, no echo (the guest echoes); Ctrl-C still stops trivmm."""
+    if not os.isatty(fd):
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    mode = termios.tcgetattr(fd)
+    mode[3] &= ~(termios.ICANON | termios.ECHO)
+    mode[6][termios.VMIN], mode[6][termios.VTIME] = 1, 0
+    termios.tcsetattr(fd, termios.TCSANOW, mode)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+def _write_stdout(data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(1, view)
+        view = view[written:]
+
+
+def _run(args: argparse.Namespace) -> int:
+    import trio
+
+    from trivmm.config import VmConfig
+    from trivmm.vm import VM
+
+    config = VmConfig(kernel=args.kernel, initrd=args.initrd, append=args.append, memory=args.memory,
+                      vcpus=args.vcpus, cpu_template=args.cpu_template, boot_protocol=args.boot_protocol)  # fmt: skip
+    stdin = None
+    if not os.isatty(0) and os.fstat(0).st_size == 0 and not _is_stream(0):
+        stdin = None
+    elif _is_stream(0) or os.isatty(0):
+        stdin = 0
+
+    async def main() -> int:
+        console_in = trio.lowlevel.FdStream(os.dup(stdin)) if stdin is not None else None
+        with VM(config, console_output=_write_stdout, console_input=console_in) as vm:
+            await vm.run()
+        return EXIT_OK
+
+    with _guest_terminal(0) if stdin is not None else contextlib.nullcontext():
+        return trio.run(main)
+
+
+def _is_stream(fd: int) -> bool:
+    import stat
+
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)
+
+
+def _guest(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.guest_command == "builtin":
+        from trivmm.guest.builtin import assemble_builtin_guest
+
+        target = Path(__file__).parent / "guest" / "builtin" / "hello.elf"
+        assemble_builtin_guest(target)
+        print(f"wrote {target}")
+        return EXIT_OK
+    from trivmm.guest.build import build_guests
+
+    built = build_guests(Path(args.dir) if args.dir else None, small=not args.stock_only,
+                         stock=not args.small_only, jobs=args.jobs)  # fmt: skip
+    for name, path in built.items():
+        print(f"{name}: {path}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from trivmm.errors import ConfigError, TrivmmError
+    from trivmm.guest.build import GuestBuildError
+    from trivmm.kvm import KvmError, KvmUnavailable
+
+    try:
+        return _run(args) if args.command == "run" else _guest(args)
+    except KeyboardInterrupt:
+        print("trivmm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ConfigError, KvmUnavailable, GuestBuildError) as exc:
+        if args.debug:
+            raise
+        print(f"trivmm: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (TrivmmError, KvmError) as exc:
+        if args.debug:
+            raise
+        print(f"trivmm: VM failed: {exc}", file=sys.stderr)
+        return EXIT_VM_FAILED

@@ -1,0 +1,82 @@
+"""``VmConfig``: everything that describes a VM before it exists, validated up front."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import attrs
+
+from trivmm.errors import ConfigError
+
+__all__ = ["VmConfig", "parse_size", "DEFAULT_LINUX_CMDLINE", "MAX_VCPUS"]
+
+MAX_VCPUS = 64
+DEFAULT_LINUX_CMDLINE = "console=ttyS0 reboot=k io_delay=none"
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """``"128M"``, ``"1G"``, ``"512"`` (MiB) or a byte count as int -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise ConfigError(f"bad size {text!r} (use e.g. 128M or 1G)")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+
+
+def _memory(value: int | str) -> int:
+    size = parse_size(value)
+    if size < 2 << 20 or size % 4096:
+        raise ConfigError(f"memory must be a multiple of 4 KiB and at least 2 MiB, not {size} bytes")
+    if size > 1 << 40:
+        raise ConfigError("memory above 1 TiB is not supported")
+    return size
+
+
+def _vcpus(value: int) -> int:
+    if not 1 <= value <= MAX_VCPUS:
+        raise ConfigError(f"vcpus must be 1..{MAX_VCPUS}, not {value}")
+    return value
+
+
+def _path(value: str | Path | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+@attrs.frozen
+class VmConfig:
+    """A VM's shape. ``kernel=None`` boots the built-in guest shipped with trivmm."""
+
+    kernel: Path | None = attrs.field(default=None, converter=_path)
+    initrd: Path | None = attrs.field(default=None, converter=_path)
+    append: str = ""
+    memory: int = attrs.field(default=128 << 20, converter=_memory)
+    vcpus: int = attrs.field(default=1, converter=_vcpus)
+    cpu_template: str = "auto"
+    boot_protocol: str = "auto"
+    cmdline_base: str = DEFAULT_LINUX_CMDLINE
+
+    def read_kernel(self) -> bytes:
+        if self.kernel is None:
+            from trivmm.guest.builtin import builtin_guest
+
+            return builtin_guest()
+        return _read_input(self.kernel, "kernel")
+
+    def read_initrd(self) -> bytes | None:
+        return None if self.initrd is None else _read_input(self.initrd, "initrd")
+
+
+def _read_input(path: Path, what: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if not data:
+        raise ConfigError(f"{what} {path} is empty")
+    return data

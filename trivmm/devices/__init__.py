@@ -1,0 +1,1 @@
+"""Device models. Register models run on vCPU threads: synchronous, no I/O, no awaits."""

@@ -1,0 +1,71 @@
+"""ACPI fixed-hardware power management registers (PIO 0x600..0x606), PIIX4-like.
+
+The FADT points at them: PM1a event block (offset 0: status, 2: enable), PM1a control
+(offset 4, 16 bits) and the reset register (offset 6). Writing SLP_EN together with the
+sleep type of \\_S5 (the DSDT declares 5) powers the VM off; writing the reset value resets
+it. SCI_EN reads as set (the platform is always in ACPI mode; the FADT has no SMI command
+port). Tiny guests use the same registers, so one path ends every VM.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Callable
+
+__all__ = ["AcpiPm", "ACPI_PM_PORT", "ACPI_PM_SIZE", "PM1_EVENT_OFFSET", "PM1_CONTROL_OFFSET",
+           "RESET_OFFSET", "RESET_VALUE", "S5_SLEEP_TYPE", "POWER_OFF_VALUE"]  # fmt: skip
+
+ACPI_PM_PORT = 0x600
+ACPI_PM_SIZE = 8
+PM1_EVENT_OFFSET = 0  # 2 bytes status + 2 bytes enable
+PM1_CONTROL_OFFSET = 4  # 2 bytes
+RESET_OFFSET = 6
+RESET_VALUE = 0x01
+S5_SLEEP_TYPE = 5
+_SCI_EN = 0x0001
+_SLP_TYP_SHIFT = 10
+_SLP_TYP_MASK = 0x1C00
+_SLP_EN = 0x2000
+POWER_OFF_VALUE = (S5_SLEEP_TYPE << _SLP_TYP_SHIFT) | _SLP_EN
+
+
+class AcpiPm:
+    def __init__(self, power_off: Callable[[], None], reset: Callable[[], None]) -> None:
+        self._power_off = power_off
+        self._reset = reset
+        self._lock = threading.Lock()
+        self._regs = bytearray(ACPI_PM_SIZE)  # status, enable, control, reset
+        struct.pack_into("<H", self._regs, PM1_CONTROL_OFFSET, _SCI_EN)
+
+    def read(self, offset: int, data: memoryview) -> None:
+        with self._lock:
+            value = self._regs[offset : offset + len(data)]
+        data[:] = value if offset != RESET_OFFSET else bytes(len(data))
+
+    def write(self, offset: int, data: memoryview) -> None:
+        with self._lock:
+            if offset < PM1_CONTROL_OFFSET:
+                if offset < 2:  # status bits are write-one-to-clear
+                    for i in range(len(data)):
+                        if offset + i < 2:
+                            self._regs[offset + i] &= ~data[i] & 0xFF
+                        else:
+                            self._regs[offset + i] = data[i]
+                else:
+                    self._regs[offset : offset + len(data)] = data
+                return
+            if offset == RESET_OFFSET:
+                reset = data[0] == RESET_VALUE
+            else:
+                reset = False
+                self._regs[offset : offset + len(data)] = data
+                self._regs[PM1_CONTROL_OFFSET] |= _SCI_EN
+            (control,) = struct.unpack_from("<H", self._regs, PM1_CONTROL_OFFSET)
+            power_off = bool(control & _SLP_EN) and (control & _SLP_TYP_MASK) >> _SLP_TYP_SHIFT == S5_SLEEP_TYPE
+            if control & _SLP_EN:
+                struct.pack_into("<H", self._regs, PM1_CONTROL_OFFSET, control & ~_SLP_EN)
+        if power_off:
+            self._power_off()
+        elif reset:
+            self._reset()

@@ -1,0 +1,161 @@
+"""``Vcpu``: one vCPU fd and its shared ``kvm_run`` page — registers, state, KVM_RUN."""
+
+from __future__ import annotations
+
+import mmap
+from typing import TYPE_CHECKING, Any
+
+from trivmm.kvm._ffi import IOCTLS, ffi, libc
+from trivmm.kvm._ioctl import ULONG, FdObject, KvmError
+from trivmm.kvm.constants import Cap
+
+if TYPE_CHECKING:
+    from trivmm.kvm.vm import Vm
+
+__all__ = ["Vcpu", "Translation"]
+
+_KVM_RUN = IOCTLS["KVM_RUN"]
+_NULL_ARG = ULONG(0)
+
+
+class Translation:
+    """KVM_TRANSLATE's answer for one guest-virtual address."""
+
+    __slots__ = ("physical_address", "valid", "writeable", "usermode")
+
+    def __init__(self, physical_address: int, valid: bool, writeable: bool, usermode: bool) -> None:
+        self.physical_address = physical_address
+        self.valid = valid
+        self.writeable = writeable
+        self.usermode = usermode
+
+
+class Vcpu(FdObject):
+    """A vCPU fd. ``run`` is the cffi view of the mmapped ``struct kvm_run``;
+    ``run_page`` the same bytes as a writable ``mmap`` for zero-copy PIO data."""
+
+    __slots__ = ("vm", "index", "run_page", "run")
+
+    def __init__(self, vm: Vm, index: int, fd: int) -> None:
+        super().__init__(fd)
+        self.vm = vm
+        self.index = index
+        self.run_page = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
+        self.run: Any = ffi.cast("struct kvm_run *", ffi.from_buffer(self.run_page))
+
+    def kvm_run(self) -> int:
+        """One KVM_RUN; return 0 or the errno (EINTR after a kick). The GIL is released."""
+        if libc.ioctl(self._fd, _KVM_RUN, _NULL_ARG) < 0:
+            return ffi.errno  # type: ignore[no-any-return]
+        return 0
+
+    def close(self) -> None:
+        if not self.closed:
+            self.run = None
+            try:
+                self.run_page.close()
+            except BufferError:  # a view is still alive somewhere; the fd close still frees it
+                pass
+        super().close()
+
+    # --- registers ----------------------------------------------------------------------
+    def _get(self, request: str, ctype: str) -> Any:
+        value = ffi.new(ctype)
+        self.ioctl(request, value)
+        return value
+
+    def get_regs(self) -> Any:
+        return self._get("KVM_GET_REGS", "struct kvm_regs *")
+
+    def set_regs(self, regs: Any) -> None:
+        self.ioctl("KVM_SET_REGS", regs)
+
+    def get_sregs(self) -> Any:
+        return self._get("KVM_GET_SREGS", "struct kvm_sregs *")
+
+    def set_sregs(self, sregs: Any) -> None:
+        self.ioctl("KVM_SET_SREGS", sregs)
+
+    def get_fpu(self) -> Any:
+        return self._get("KVM_GET_FPU", "struct kvm_fpu *")
+
+    def set_fpu(self, fpu: Any) -> None:
+        self.ioctl("KVM_SET_FPU", fpu)
+
+    def get_lapic(self) -> Any:
+        return self._get("KVM_GET_LAPIC", "struct kvm_lapic_state *")
+
+    def set_lapic(self, lapic: Any) -> None:
+        self.ioctl("KVM_SET_LAPIC", lapic)
+
+    def get_mp_state(self) -> int:
+        return int(self._get("KVM_GET_MP_STATE", "struct kvm_mp_state *").mp_state)
+
+    def set_mp_state(self, state: int) -> None:
+        self.ioctl("KVM_SET_MP_STATE", ffi.new("struct kvm_mp_state *", {"mp_state": state}))
+
+    def get_vcpu_events(self) -> Any:
+        return self._get("KVM_GET_VCPU_EVENTS", "struct kvm_vcpu_events *")
+
+    def set_vcpu_events(self, events: Any) -> None:
+        self.ioctl("KVM_SET_VCPU_EVENTS", events)
+
+    def get_debugregs(self) -> Any:
+        return self._get("KVM_GET_DEBUGREGS", "struct kvm_debugregs *")
+
+    def set_debugregs(self, debugregs: Any) -> None:
+        self.ioctl("KVM_SET_DEBUGREGS", debugregs)
+
+    def get_xsave(self) -> Any:
+        return self._get("KVM_GET_XSAVE", "struct kvm_xsave *")
+
+    def set_xsave(self, xsave: Any) -> None:
+        self.ioctl("KVM_SET_XSAVE", xsave)
+
+    def get_xcrs(self) -> Any:
+        return self._get("KVM_GET_XCRS", "struct kvm_xcrs *")
+
+    def set_xcrs(self, xcrs: Any) -> None:
+        self.ioctl("KVM_SET_XCRS", xcrs)
+
+    # --- MSRs and CPUID -----------------------------------------------------------------
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        """Read the MSRs in ``indices``; those KVM does not know are left out."""
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
+        for i, index in enumerate(indices):
+            msrs.entries[i].index = index
+        count = self.ioctl("KVM_GET_MSRS", msrs)
+        return {msrs.entries[i].index: msrs.entries[i].data for i in range(count)}
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        items = sorted(values.items())
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(items), "entries": len(items)})
+        for i, (index, data) in enumerate(items):
+            msrs.entries[i].index = index
+            msrs.entries[i].data = data
+        count = self.ioctl("KVM_SET_MSRS", msrs)
+        if count != len(items):
+            raise KvmError("KVM_SET_MSRS", 22, f"MSR {items[count][0]:#x} was refused")
+
+    def set_cpuid(self, entries: list[Any]) -> None:
+        """KVM_SET_CPUID2 from ``CpuidEntry`` values."""
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
+        for i, e in enumerate(entries):
+            c = cpuid.entries[i]
+            c.function, c.index, c.flags = e.function, e.index, e.flags
+            c.eax, c.ebx, c.ecx, c.edx = e.eax, e.ebx, e.ecx, e.edx
+        self.ioctl("KVM_SET_CPUID2", cpuid)
+
+    # --- debugging and address translation ---------------------------------------------
+    def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:
+        self.vm.kvm.require(Cap.SET_GUEST_DEBUG)
+        dbg = ffi.new("struct kvm_guest_debug *", {"control": control})
+        for i, value in enumerate(debugreg or ()):
+            dbg.arch.debugreg[i] = value
+        self.ioctl("KVM_SET_GUEST_DEBUG", dbg)
+
+    def translate(self, linear_address: int) -> Translation:
+        tr = ffi.new("struct kvm_translation *", {"linear_address": linear_address})
+        self.ioctl("KVM_TRANSLATE", tr)
+        return Translation(tr.physical_address, bool(tr.valid), bool(tr.writeable), bool(tr.usermode))

@@ -1,0 +1,165 @@
+"""Guest physical memory: anonymous mmap regions, every access bounds-checked.
+
+A guest-physical address (GPA) is untrusted: it comes from descriptors, registers and
+boot structures the guest controls. ``GuestMemory`` resolves ``(gpa, length)`` to one
+region with checked arithmetic -- negative values, ``gpa + length`` past the region's end
+or past 2**64, and ranges that straddle two regions are all ``GuestMemoryError``. Views
+are zero-copy ``memoryview`` slices of the mapping.
+
+Writes made by the VMM itself (device backends, the loader) do not appear in KVM's dirty
+log, so each region keeps its own bitmap of pages the VMM wrote; migration ORs the two.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from collections.abc import Iterable, Iterator
+
+import attrs
+
+from trivmm.kvm._ffi import ffi
+
+__all__ = ["GuestMemory", "MemoryRegion", "GuestMemoryError", "PAGE_SIZE"]
+
+PAGE_SIZE = 4096
+_U64_LIMIT = 1 << 64
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class GuestMemoryError(ValueError):
+    """A guest-physical access outside guest RAM (or across two regions)."""
+
+
+@attrs.define(eq=False)
+class MemoryRegion:
+    """One contiguous piece of guest RAM backed by an anonymous private mapping."""
+
+    guest_base: int
+    size: int
+    mapping: mmap.mmap = attrs.field(repr=False)
+    host_address: int = attrs.field(repr=False)
+    vmm_dirty: bytearray = attrs.field(repr=False)  # one byte per page: written by the VMM
+
+    @classmethod
+    def allocate(cls, guest_base: int, size: int) -> MemoryRegion:
+        if size <= 0 or size % PAGE_SIZE or guest_base % PAGE_SIZE:
+            raise GuestMemoryError(f"region {guest_base:#x}+{size:#x} is not page-aligned and non-empty")
+        if guest_base + size > _U64_LIMIT:
+            raise GuestMemoryError(f"region {guest_base:#x}+{size:#x} overflows the address space")
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        mapping = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        address = int(ffi.cast("uintptr_t", ffi.from_buffer(mapping)))
+        return cls(guest_base, size, mapping, address, bytearray(size // PAGE_SIZE))
+
+    @property
+    def guest_end(self) -> int:
+        return self.guest_base + self.size
+
+    @property
+    def pages(self) -> int:
+        return self.size // PAGE_SIZE
+
+
+class GuestMemory:
+    """The guest's RAM: non-overlapping regions sorted by guest address."""
+
+    def __init__(self, regions: Iterable[MemoryRegion]) -> None:
+        self.regions: list[MemoryRegion] = sorted(regions, key=lambda r: r.guest_base)
+        for a, b in zip(self.regions, self.regions[1:]):
+            if a.guest_end > b.guest_base:
+                raise GuestMemoryError(f"regions at {a.guest_base:#x} and {b.guest_base:#x} overlap")
+        self._views = [memoryview(r.mapping) for r in self.regions]
+
+    @classmethod
+    def from_ranges(cls, ranges: Iterable[tuple[int, int]]) -> GuestMemory:
+        """Allocate one region per ``(guest_base, size)``."""
+        return cls(MemoryRegion.allocate(base, size) for base, size in ranges)
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    def __iter__(self) -> Iterator[MemoryRegion]:
+        return iter(self.regions)
+
+    def close(self) -> None:
+        for view in self._views:
+            view.release()
+        self._views = []
+        for region in self.regions:
+            try:
+                region.mapping.close()
+            except BufferError:  # an exported view is still alive; the GC unmaps it later
+                pass
+
+    # --- address resolution --------------------------------------------------------------
+    def _locate(self, gpa: int, length: int) -> tuple[int, int]:
+        """Return (region index, offset) for ``[gpa, gpa+length)``, or raise."""
+        if gpa < 0 or length < 0 or gpa + length > _U64_LIMIT:
+            raise GuestMemoryError(f"invalid guest range {gpa:#x}+{length:#x}")
+        for i, region in enumerate(self.regions):
+            if region.guest_base <= gpa < region.guest_end or (length == 0 and gpa == region.guest_end):
+                offset = gpa - region.guest_base
+                if offset + length > region.size:
+                    raise GuestMemoryError(
+                        f"guest range {gpa:#x}+{length:#x} runs past RAM at {region.guest_end:#x}")
+                return i, offset
+        raise GuestMemoryError(f"guest address {gpa:#x} is not RAM")
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        try:
+            self._locate(gpa, length)
+        except GuestMemoryError:
+            return False
+        return True
+
+    def view(self, gpa: int, length: int, *, write: bool = False) -> memoryview:
+        """A zero-copy view of ``[gpa, gpa+length)``; ``write=True`` marks the pages dirty."""
+        i, offset = self._locate(gpa, length)
+        if write:
+            self._mark(i, offset, length)
+        return self._views[i][offset : offset + length]
+
+    def _mark(self, i: int, offset: int, length: int) -> None:
+        if length:
+            dirty = self.regions[i].vmm_dirty
+            first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
+            dirty[first : last + 1] = b"\x01" * (last - first + 1)
+
+    # --- copies ------------------------------------------------------------------------
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data), write=True)[:] = data
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        self.view(gpa, length, write=True)[:] = bytes([byte]) * length
+
+    def read_u16(self, gpa: int) -> int:
+        return int(_U16.unpack(self.view(gpa, 2))[0])
+
+    def read_u32(self, gpa: int) -> int:
+        return int(_U32.unpack(self.view(gpa, 4))[0])
+
+    def read_u64(self, gpa: int) -> int:
+        return int(_U64.unpack(self.view(gpa, 8))[0])
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        _U16.pack_into(self.view(gpa, 2, write=True), 0, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        _U32.pack_into(self.view(gpa, 4, write=True), 0, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        _U64.pack_into(self.view(gpa, 8, write=True), 0, value)
+
+    # --- the VMM's own dirty log ---------------------------------------------------------
+    def take_vmm_dirty(self, region: MemoryRegion) -> bytes:
+        """Return and clear the per-page bytes of pages the VMM wrote in ``region``."""
+        snapshot = bytes(region.vmm_dirty)
+        region.vmm_dirty[:] = bytes(len(region.vmm_dirty))
+        return snapshot

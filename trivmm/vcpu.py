@@ -1,0 +1,241 @@
+"""The vCPU run loop: one OS thread per vCPU, exits dispatched right there.
+
+A PIO or MMIO exit goes straight from KVM_RUN to the bus and the device's register model,
+on this thread, without a round trip through the event loop: that keeps a register access
+close to the cost of the exit itself. Everything else the loop meets is rarer and handled
+in ``_handle_exit``.
+
+Control (pause, resume, stop, quirk refresh) is a request flag plus a kick: the requester
+sets ``kvm_run.immediate_exit`` and signals the thread, so a vCPU inside KVM_RUN leaves it
+with EINTR and one about to enter returns at once; the loop looks at the flag before every
+KVM_RUN. Pausing parks the thread on a condition variable until resumed or stopped.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import struct
+import threading
+from collections.abc import Callable
+
+from trivmm._threads import kick_thread
+from trivmm.bus import AddressSpace
+from trivmm.cpu.fallback import EmulationFallback, GuestView, SyscallCompleter, UnhandledInstruction
+from trivmm.errors import VcpuError
+from trivmm.kvm._ffi import IOCTLS, ffi, libc
+from trivmm.kvm._ioctl import ULONG
+from trivmm.kvm.constants import ExitReason, InternalError, SystemEvent
+from trivmm.kvm.vcpu import Vcpu
+from trivmm.memory import GuestMemory
+
+__all__ = ["VcpuRunner", "StopReason", "Quirks"]
+
+_KVM_RUN = IOCTLS["KVM_RUN"]
+_NULL = ULONG(0)
+_EXIT_IO, _EXIT_MMIO = int(ExitReason.IO), int(ExitReason.MMIO)
+_RUN_EXIT_REASON = struct.Struct("<I")  # at offset 8 of struct kvm_run
+_RUN_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset at offset 32
+_RUN_MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write at offset 32
+_MMIO_DATA_OFFSET = 40
+
+
+class StopReason(enum.Enum):
+    POWER_OFF = "poweroff"
+    RESET = "reset"
+    HALT = "halt"
+
+
+class Quirks:
+    """Which parts of the host-quirk fallback a VM uses (``trivmm.cpu.fallback``)."""
+
+    def __init__(self, emulation_fallback: bool = True, complete_syscalls: bool = False) -> None:
+        self.emulation_fallback = emulation_fallback
+        self.complete_syscalls = complete_syscalls
+
+
+class _Request(enum.Enum):
+    PAUSE = 1
+    STOP = 2
+
+
+class VcpuRunner:
+    """Runs one vCPU on the calling thread until stopped, the guest ends, or an error."""
+
+    def __init__(
+        self,
+        vcpu: Vcpu,
+        memory: GuestMemory,
+        pio: AddressSpace,
+        mmio: AddressSpace,
+        guest_stopped: Callable[[StopReason], None],
+        paused_changed: Callable[[int, bool], None],
+        quirks: Quirks,
+    ) -> None:
+        self.vcpu = vcpu
+        self.index = vcpu.index
+        self._memory = memory
+        self._pio = pio
+        self._mmio = mmio
+        self._guest_stopped = guest_stopped
+        self._paused_changed = paused_changed
+        self._quirks = quirks
+        view = GuestView(vcpu, memory)
+        self.fallback = EmulationFallback(view)
+        self.syscalls = SyscallCompleter(view) if quirks.complete_syscalls else None
+        self._cond = threading.Condition()
+        self._request: _Request | None = None
+        self._refresh = False
+        self._ident: int | None = None
+        self.exits = 0
+
+    # --- control, from any thread ------------------------------------------------------
+    def _kick(self) -> None:
+        with self._cond:
+            run = self.vcpu.run
+            if run is not None:
+                run.immediate_exit = 1
+            if self._ident is not None:
+                kick_thread(self._ident)
+
+    def request_stop(self) -> None:
+        with self._cond:
+            self._request = _Request.STOP
+            self._cond.notify_all()
+        self._kick()
+
+    def request_pause(self) -> None:
+        with self._cond:
+            if self._request is None:
+                self._request = _Request.PAUSE
+        self._kick()
+
+    def request_resume(self) -> None:
+        with self._cond:
+            if self._request is _Request.PAUSE:
+                self._request = None
+                self._cond.notify_all()
+
+    def request_refresh(self) -> None:
+        """Ask the thread to re-check host-quirk hooks (the SYSCALL breakpoint)."""
+        self._refresh = True
+        self._kick()
+
+    # --- the thread -------------------------------------------------------------------
+    def run(self) -> None:
+        with self._cond:
+            self._ident = threading.get_ident()
+        try:
+            self._loop()
+        except (UnhandledInstruction, OSError) as exc:
+            raise VcpuError(self.index, str(exc)) from exc
+        finally:
+            with self._cond:
+                self._ident = None
+
+    def _service_request(self) -> bool:
+        """Handle a pending request; True means stop the loop."""
+        with self._cond:
+            if self._request is _Request.PAUSE:
+                self._paused_changed(self.index, True)
+                while self._request is _Request.PAUSE:
+                    self._cond.wait()
+                self._paused_changed(self.index, False)
+            if self._request is _Request.STOP:
+                return True
+            self.vcpu.run.immediate_exit = 0
+        return False
+
+    def _loop(self) -> None:
+        vcpu = self.vcpu
+        run = vcpu.run
+        page = vcpu.run_page
+        view = memoryview(page)
+        fd = vcpu.fd
+        ioctl = libc.ioctl
+        pio_read, pio_write = self._pio.read, self._pio.write
+        unpack_io = _RUN_IO.unpack_from
+        exits = 0
+        try:
+            while True:
+                if self._request is not None and self._service_request():
+                    return
+                if ioctl(fd, _KVM_RUN, _NULL) < 0:
+                    err = ffi.errno
+                    if err != errno.EINTR and err != errno.EAGAIN:
+                        raise VcpuError(self.index, f"KVM_RUN failed: {errno.errorcode.get(err, err)}")
+                    run.immediate_exit = 0
+                    if self._refresh:
+                        self._refresh = False
+                        if self.syscalls is not None:
+                            self.syscalls.refresh()
+                    continue
+                exits += 1
+                reason = run.exit_reason
+                if reason == _EXIT_IO:
+                    direction, size, port, count, offset = unpack_io(page, 32)
+                    if count == 1:
+                        if direction:
+                            pio_write(port, view[offset : offset + size])
+                        else:
+                            pio_read(port, view[offset : offset + size])
+                    else:
+                        access = pio_write if direction else pio_read
+                        for i in range(count):
+                            start = offset + i * size
+                            access(port, view[start : start + size])
+                    continue
+                if reason == _EXIT_MMIO:
+                    address, _, length, is_write = _RUN_MMIO.unpack_from(page, 32)
+                    data = view[_MMIO_DATA_OFFSET : _MMIO_DATA_OFFSET + min(length, 8)]
+                    if is_write:
+                        self._mmio.write(address, data)
+                    else:
+                        self._mmio.read(address, data)
+                    continue
+                stop = self._handle_exit(reason)
+                if stop is not None:
+                    self._guest_stopped(stop)
+                    return
+        finally:
+            self.exits += exits
+            view.release()
+
+    def _handle_exit(self, reason: int) -> StopReason | None:
+        run = self.vcpu.run
+        if reason == ExitReason.HLT:
+            return StopReason.HALT
+        if reason == ExitReason.SHUTDOWN:
+            return StopReason.RESET  # triple fault: a PC resets
+        if reason == ExitReason.SYSTEM_EVENT:
+            kind = run.system_event.type
+            if kind == SystemEvent.SHUTDOWN:
+                return StopReason.POWER_OFF
+            if kind == SystemEvent.RESET:
+                return StopReason.RESET
+            raise VcpuError(self.index, f"guest crashed (KVM system event {kind})")
+        if reason == ExitReason.INTERNAL_ERROR:
+            suberror = run.internal.suberror
+            if suberror == InternalError.EMULATION and self._quirks.emulation_fallback:
+                self.fallback.handle(run)
+                return None
+            if suberror == InternalError.EMULATION:
+                rip = self.vcpu.get_regs().rip
+                code = self.fallback.instruction_bytes(run, rip)
+                raise UnhandledInstruction(self.index, rip, code, "the emulation fallback is off")
+            data = [hex(run.internal.data[i]) for i in range(min(run.internal.ndata, 16))]
+            raise VcpuError(self.index, f"KVM internal error {suberror} (data {', '.join(data)})")
+        if reason == ExitReason.DEBUG:
+            if self.syscalls is not None and self.syscalls.on_debug_exit(run):
+                return None
+            raise VcpuError(self.index, f"unexpected debug exit at {run.debug.arch.pc:#x}")
+        if reason == ExitReason.FAIL_ENTRY:
+            raise VcpuError(self.index, "KVM could not enter the guest (hardware entry failure "
+                                        f"{run.fail_entry.hardware_entry_failure_reason:#x})")  # fmt: skip
+        if reason == ExitReason.INTR:
+            return None
+        try:
+            name = ExitReason(reason).name
+        except ValueError:
+            name = str(reason)
+        raise VcpuError(self.index, f"unhandled KVM exit {name} at RIP {self.vcpu.get_regs().rip:#x}")
