@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     from trivmm.config import DEFAULT_LINUX_CMDLINE, MAX_VCPUS
     from trivmm.cpu.templates import TEMPLATES
 
-    parser = argparse.ArgumentParser(prog="python -m trivmm", description="trivmm: a KVM virtual machine monitor.")
+    parser = argparse.ArgumentParser(prog="python -m trivmm",
+                                     description="trivmm: a KVM virtual machine monitor.")  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -56,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                                  description="Build (a) a small kernel from Debian's linux-source with "
                                  "trivmm's config fragment and (b) the stock Debian cloud kernel, each with "
                                  "a busybox-static initramfs. Needs root and apt.")  # fmt: skip
-    build.add_argument("--dir", metavar="PATH", help="cache directory (default $TRIVMM_GUEST_DIR or ~/.cache/trivmm/guests)")
+    build.add_argument("--dir", metavar="PATH",
+                       help="cache directory (default $TRIVMM_GUEST_DIR or ~/.cache/trivmm/guests)")
     which = build.add_mutually_exclusive_group()
     which.add_argument("--small-only", action="store_true", help="only the small kernel")
     which.add_argument("--stock-only", action="store_true", help="only the stock cloud kernel")

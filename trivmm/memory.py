@@ -12,6 +12,7 @@ log, so each region keeps its own bitmap of pages the VMM wrote; migration ORs t
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import struct
 from collections.abc import Iterable, Iterator
@@ -68,7 +69,7 @@ class GuestMemory:
 
     def __init__(self, regions: Iterable[MemoryRegion]) -> None:
         self.regions: list[MemoryRegion] = sorted(regions, key=lambda r: r.guest_base)
-        for a, b in zip(self.regions, self.regions[1:]):
+        for a, b in itertools.pairwise(self.regions):
             if a.guest_end > b.guest_base:
                 raise GuestMemoryError(f"regions at {a.guest_base:#x} and {b.guest_base:#x} overlap")
         self._views = [memoryview(r.mapping) for r in self.regions]

@@ -86,6 +86,9 @@ class VcpuRunner:
         self._cond = threading.Condition()
         self._request: _Request | None = None
         self._refresh = False
+        # Until the SYSCALL breakpoint is armed, look at every exit: a guest may set LSTAR
+        # and make its first system call between two periodic refreshes.
+        self._arm_on_exit = self.syscalls is not None
         self._ident: int | None = None
         self.exits = 0
 
@@ -127,8 +130,11 @@ class VcpuRunner:
             self._ident = threading.get_ident()
         try:
             self._loop()
-        except (UnhandledInstruction, OSError) as exc:
-            raise VcpuError(self.index, str(exc)) from exc
+        except VcpuError:
+            raise
+        except Exception as exc:  # a device model or the fallback failed: the VM's error
+            detail = str(exc) if isinstance(exc, (UnhandledInstruction, OSError)) else f"{type(exc).__name__}: {exc}"
+            raise VcpuError(self.index, detail) from exc
         finally:
             with self._cond:
                 self._ident = None
@@ -167,10 +173,11 @@ class VcpuRunner:
                     run.immediate_exit = 0
                     if self._refresh:
                         self._refresh = False
-                        if self.syscalls is not None:
-                            self.syscalls.refresh()
+                        self._refresh_syscall_hook()
                     continue
                 exits += 1
+                if self._arm_on_exit:
+                    self._refresh_syscall_hook()
                 reason = run.exit_reason
                 if reason == _EXIT_IO:
                     direction, size, port, count, offset = unpack_io(page, 32)
@@ -200,6 +207,11 @@ class VcpuRunner:
         finally:
             self.exits += exits
             view.release()
+
+    def _refresh_syscall_hook(self) -> None:
+        if self.syscalls is not None:
+            self.syscalls.refresh()
+            self._arm_on_exit = self.syscalls.armed_at is None
 
     def _handle_exit(self, reason: int) -> StopReason | None:
         run = self.vcpu.run

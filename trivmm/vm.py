@@ -199,8 +199,8 @@ class VM:
                     services.start_soon(self._refresh_quirk_hooks)
                 async with trio.open_nursery() as vcpu_tasks:
                     for runner in self.runners:
-                        vcpu_tasks.start_soon(functools.partial(
-                            run_in_owned_thread, runner.run, runner.request_stop, f"trivmm-vcpu{runner.index}"))  # fmt: skip
+                        name = f"trivmm-vcpu{runner.index}"
+                        vcpu_tasks.start_soon(run_in_owned_thread, runner.run, runner.request_stop, name)
                 if self._console_stream is not None:
                     await trio.sleep(0)  # let the last console bytes reach the stream
                 services.cancel_scope.cancel()

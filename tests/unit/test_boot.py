@@ -84,7 +84,7 @@ def test_builtin_guest_is_an_elf_with_a_pvh_note() -> None:
 
 
 def test_truncated_elf_is_refused() -> None:
-    with pytest.raises(KernelImageError, match="past the end|runs past"):
+    with pytest.raises(KernelImageError, match=r"past the end|runs past"):
         ElfImage.parse(builtin_guest()[:200])
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -132,7 +134,7 @@ class UartMachine(RuleBasedStateMachine):
     @invariant()
     def line_changes_are_edges(self) -> None:
         levels = self.u.levels
-        assert all(a != b for a, b in zip(levels, levels[1:]))
+        assert all(a != b for a, b in itertools.pairwise(levels))
 
 
 TestUartMachine = UartMachine.TestCase

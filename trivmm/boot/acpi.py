@@ -122,7 +122,7 @@ class AcpiTables:
         rsdp[8] = _checksum(bytes(rsdp[:20]))
         rsdp[32] = _checksum(bytes(rsdp))
         self.blobs: list[tuple[int, bytes]] = [(address, bytes(rsdp)), *blobs]
-        if cursor > HIMEM_START or address < BIOS_START and cursor > BIOS_START:
+        if cursor > HIMEM_START or (address < BIOS_START and cursor > BIOS_START):
             raise ValueError("ACPI tables do not fit their area")
 
 

@@ -181,7 +181,9 @@ def load_kernel(memory: GuestMemory, kernel: bytes, *, initrd: bytes | None = No
             raise KernelImageError("PVH entry needs an ELF vmlinux, not a bzImage")
         mode = BootProtocol.LINUX64
 
-    cmdline_limit = min(layout.CMDLINE_MAX, header.cmdline_size + 1 if header and header.cmdline_size else layout.CMDLINE_MAX)
+    cmdline_limit = layout.CMDLINE_MAX
+    if header is not None and header.cmdline_size:
+        cmdline_limit = min(cmdline_limit, header.cmdline_size + 1)
     cmd = _cmdline_bytes(cmdline, cmdline_limit)
 
     memory.write(layout.CMDLINE, cmd)

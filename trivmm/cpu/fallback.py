@@ -60,6 +60,8 @@ _KNOWN_NAMES: dict[bytes, str] = {
     b"\x0f\x01\xd9": "vmmcall",
     b"\x0f\x01\xc1": "vmcall",
     b"\xcc": "int3",
+    b"\xcf": "iret",
+    b"\x48\xcf": "iretq",
     b"\x9b": "fwait",
 }
 
@@ -76,9 +78,10 @@ class UnhandledInstruction(Exception):
 
     def __init__(self, vcpu: int, rip: int, code: bytes, why: str) -> None:
         super().__init__(
-            f"vCPU {vcpu}: host KVM could not emulate the instruction at RIP {rip:#x} "
+            f"host KVM could not emulate the instruction at RIP {rip:#x} "
             f"(bytes {code.hex(' ') or 'unavailable'}: {describe_instruction(code)}); {why}"
         )
+        self.vcpu = vcpu
         self.rip = rip
         self.code = code
 
@@ -134,7 +137,8 @@ def _deliver_exception(view: GuestView, vector: int, next_rip: int) -> None:
     if cpl != 0:
         raise GuestMemoryError("exception delivery from user mode is left to the CPU")
     if selector != sregs.cs.selector:
-        raise GuestMemoryError(f"gate {vector} switches to code selector {selector:#x}; only same-selector gates are handled")
+        raise GuestMemoryError(f"gate {vector} switches to code selector {selector:#x}; "
+                               "only same-selector gates are handled")  # fmt: skip
     if ist:
         (rsp,) = struct.unpack("<Q", view.read(sregs.tr.base + 0x24 + 8 * (ist - 1), 8))
     else:

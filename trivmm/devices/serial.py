@@ -177,7 +177,7 @@ class Serial:
     def _pending(self) -> bool:
         return self._interrupt_id() != _IIR_NONE
 
-    def _push_rx(self, data: bytes) -> int:
+    def _push_rx(self, data: bytes | bytearray) -> int:
         room = FIFO_SIZE - len(self._rx)
         self._rx.extend(data[:room])
         return min(room, len(data))
@@ -188,7 +188,7 @@ class Serial:
             self._irq(level)
 
     # --- host side ----------------------------------------------------------------------
-    def enqueue_input(self, data: bytes) -> int:
+    def enqueue_input(self, data: bytes | bytearray) -> int:
         """Queue bytes typed by the host; return how many fit in the receive FIFO."""
         with self._lock:
             taken = self._push_rx(data)

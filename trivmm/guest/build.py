@@ -101,28 +101,21 @@ def _digest(*parts: bytes) -> str:
     return h.hexdigest()[:16]
 
 
-def _busybox_applets() -> list[str]:
-    """Applet names of the host's busybox-static, as "dir/name" (``busybox --list-full``)."""
-    listing = subprocess.run([str(_BUSYBOX), "--list-full"], capture_output=True, text=True, check=True).stdout
-    return sorted(line.strip() for line in listing.splitlines() if line.strip() and "/" in line)
-
-
 def _initramfs(init_script: bytes, modules: Sequence[tuple[str, bytes]] = ()) -> bytes:
-    """An uncompressed newc initramfs: busybox with its applet links made here (creating
-    them in the guest, with `busybox --install`, costs hundreds of system calls that a
-    nested host completes one by one), /init, device nodes and kernel modules."""
+    """An uncompressed newc initramfs: busybox, /init, device nodes and kernel modules.
+
+    Only /bin/sh links to busybox: Debian's busybox-static shell runs every applet itself
+    (FEATURE_SH_STANDALONE). Measured on the nested host: 270 applet links cost ~13 s to
+    unpack (each is kernel work at emulated CPL0), and `busybox --install` at boot more."""
     entries = [CpioEntry.directory(d) for d in ("bin", "sbin", "dev", "proc", "sys", "tmp",
                                                 "lib", "lib/modules", "usr", "usr/bin", "usr/sbin")]  # fmt: skip
     entries += [
         CpioEntry.char_device("dev/console", 5, 1),
         CpioEntry.char_device("dev/null", 1, 3, 0o666),
         CpioEntry.file("bin/busybox", _BUSYBOX.read_bytes(), 0o755),
+        CpioEntry.symlink("bin/sh", "busybox"),
         CpioEntry.file("init", init_script, 0o755),
     ]
-    for applet in _busybox_applets():
-        if applet != "bin/busybox":
-            depth = applet.count("/")
-            entries.append(CpioEntry.symlink(applet, "../" * depth + "bin/busybox"))
     entries += [CpioEntry.file(f"lib/modules/{i:02d}-{name}.ko", data)
                 for i, (name, data) in enumerate(modules)]  # fmt: skip
     return write_newc(entries)

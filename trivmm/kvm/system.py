@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import TYPE_CHECKING
 
 import attrs
 
 from trivmm.kvm._ffi import ffi
 from trivmm.kvm._ioctl import ULONG, FdObject, KvmError, KvmUnavailable, MissingCapability
 from trivmm.kvm.constants import Cap
+
+if TYPE_CHECKING:
+    from trivmm.kvm.vm import Vm
 
 __all__ = ["Kvm", "CpuidEntry", "DEFAULT_DEVICE"]
 
@@ -97,7 +101,7 @@ class Kvm(FdObject):
                 raise
             return list(buf.indices[0:buf.nmsrs])
 
-    def create_vm(self) -> "Vm":
+    def create_vm(self) -> Vm:
         from trivmm.kvm.vm import Vm
 
         self.require(Cap.USER_MEMORY, Cap.IRQCHIP, Cap.IMMEDIATE_EXIT)

@@ -21,7 +21,7 @@ _NULL_ARG = ULONG(0)
 class Translation:
     """KVM_TRANSLATE's answer for one guest-virtual address."""
 
-    __slots__ = ("physical_address", "valid", "writeable", "usermode")
+    __slots__ = ("physical_address", "usermode", "valid", "writeable")
 
     def __init__(self, physical_address: int, valid: bool, writeable: bool, usermode: bool) -> None:
         self.physical_address = physical_address
@@ -34,7 +34,7 @@ class Vcpu(FdObject):
     """A vCPU fd. ``run`` is the cffi view of the mmapped ``struct kvm_run``;
     ``run_page`` the same bytes as a writable ``mmap`` for zero-copy PIO data."""
 
-    __slots__ = ("vm", "index", "run_page", "run")
+    __slots__ = ("index", "run", "run_page", "vm")
 
     def __init__(self, vm: Vm, index: int, fd: int) -> None:
         super().__init__(fd)
