@@ -17,14 +17,14 @@ import enum
 import errno
 import struct
 import threading
+from time import monotonic
 from collections.abc import Callable
 
 from trivmm._threads import kick_thread
 from trivmm.bus import AddressSpace
 from trivmm.cpu.fallback import EmulationFallback, GuestView, SyscallCompleter, UnhandledInstruction
 from trivmm.errors import VcpuError
-from trivmm.kvm._ffi import IOCTLS, ffi, libc
-from trivmm.kvm._ioctl import ULONG
+from trivmm.kvm._ffi import IOCTLS, ffi, ioctl_fixed
 from trivmm.kvm.constants import ExitReason, InternalError, SystemEvent
 from trivmm.kvm.vcpu import Vcpu
 from trivmm.memory import GuestMemory
@@ -32,12 +32,13 @@ from trivmm.memory import GuestMemory
 __all__ = ["VcpuRunner", "StopReason", "Quirks"]
 
 _KVM_RUN = IOCTLS["KVM_RUN"]
-_NULL = ULONG(0)
 _EXIT_IO, _EXIT_MMIO = int(ExitReason.IO), int(ExitReason.MMIO)
-_RUN_EXIT_REASON = struct.Struct("<I")  # at offset 8 of struct kvm_run
-_RUN_IO = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset at offset 32
+# struct kvm_run from offset 8: exit_reason, then (at 32) the io exit's direction, size,
+# port, count and data_offset -- one unpack per exit instead of several cffi reads.
+_RUN_EXIT_IO = struct.Struct("<I20xBBHIQ")
 _RUN_MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write at offset 32
 _MMIO_DATA_OFFSET = 40
+_ARM_CHECK_INTERVAL = 0.001
 
 
 class StopReason(enum.Enum):
@@ -86,9 +87,12 @@ class VcpuRunner:
         self._cond = threading.Condition()
         self._request: _Request | None = None
         self._refresh = False
-        # Until the SYSCALL breakpoint is armed, look at every exit: a guest may set LSTAR
-        # and make its first system call between two periodic refreshes.
+        # Until the SYSCALL breakpoint is armed, look again at the next exit once a
+        # millisecond has passed: a guest may set LSTAR and make its first system call
+        # between two periodic refreshes. (Looking costs ioctls; every exit would double
+        # the cost of an exit.)
         self._arm_on_exit = self.syscalls is not None
+        self._next_arm_check = 0.0
         self._ident: int | None = None
         self.exits = 0
 
@@ -158,34 +162,59 @@ class VcpuRunner:
         page = vcpu.run_page
         view = memoryview(page)
         fd = vcpu.fd
-        ioctl = libc.ioctl
-        pio_read, pio_write = self._pio.read, self._pio.write
-        unpack_io = _RUN_IO.unpack_from
+        ioctl, null = ioctl_fixed, ffi.NULL
+        pio = self._pio
+        pio_read, pio_write = pio.read, pio.write
+        unpack_exit = _RUN_EXIT_IO.unpack_from
         exits = 0
+        # The PIO range this thread hit last, while the bus's table is unchanged: a guest
+        # tends to hammer one device, and this skips a lookup and two calls per exit.
+        hot_base = hot_end = -1
+        hot_device = None
+        hot_generation = -1
+        arm_pending = self._arm_on_exit
+        # Requests are not polled here: every request comes with a kick, which leaves
+        # immediate_exit set until the EINTR branch below clears it and then looks. A
+        # request made after that look sets immediate_exit again, so the next KVM_RUN
+        # returns at once.
+        if self._request is not None and self._service_request():
+            return
         try:
             while True:
-                if self._request is not None and self._service_request():
-                    return
-                if ioctl(fd, _KVM_RUN, _NULL) < 0:
+                if ioctl(fd, _KVM_RUN, null) < 0:
                     err = ffi.errno
                     if err != errno.EINTR and err != errno.EAGAIN:
                         raise VcpuError(self.index, f"KVM_RUN failed: {errno.errorcode.get(err, err)}")
                     run.immediate_exit = 0
+                    if self._request is not None and self._service_request():
+                        return
                     if self._refresh:
                         self._refresh = False
                         self._refresh_syscall_hook()
+                        arm_pending = self._arm_on_exit
                     continue
                 exits += 1
-                if self._arm_on_exit:
+                if arm_pending and exits & 63 == 1 and monotonic() >= self._next_arm_check:
                     self._refresh_syscall_hook()
-                reason = run.exit_reason
+                    arm_pending = self._arm_on_exit
+                    self._next_arm_check = monotonic() + _ARM_CHECK_INTERVAL
+                reason, direction, size, port, count, offset = unpack_exit(page, 8)
                 if reason == _EXIT_IO:
-                    direction, size, port, count, offset = unpack_io(page, 32)
                     if count == 1:
+                        if hot_base <= port and port + size <= hot_end and hot_generation == pio.generation:
+                            if direction:
+                                hot_device.write(port - hot_base, view[offset : offset + size])  # type: ignore[union-attr]
+                            else:
+                                hot_device.read(port - hot_base, view[offset : offset + size])  # type: ignore[union-attr]
+                            continue
                         if direction:
                             pio_write(port, view[offset : offset + size])
                         else:
                             pio_read(port, view[offset : offset + size])
+                        hit = pio.find(port)
+                        if hit is not None:
+                            hot_base, hot_end, hot_device = hit.base, hit.end, hit.device
+                            hot_generation = pio.generation
                     else:
                         access = pio_write if direction else pio_read
                         for i in range(count):

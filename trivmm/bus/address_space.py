@@ -43,9 +43,10 @@ class BusRange:
     base: int
     size: int
     device: BusDevice = attrs.field(eq=False)
+    end: int = attrs.field(init=False, eq=False)
 
-    @property
-    def end(self) -> int:
+    @end.default
+    def _end(self) -> int:
         return self.base + self.size
 
 
@@ -59,6 +60,9 @@ class AddressSpace:
         self._bases: list[int] = []
         self._last: BusRange | None = None
         self._lock = threading.Lock()  # registration only; dispatch reads immutable lists
+        # Bumped by every insert/remove, so a dispatcher that caches a range (the vCPU
+        # loop does, for the port it last hit) knows when its cache is stale.
+        self.generation = 0
 
     def __repr__(self) -> str:
         return f"<AddressSpace {self.name}: {len(self._ranges)} ranges>"
@@ -83,6 +87,7 @@ class AddressSpace:
             # either the old or the new table, never a half-updated one.
             self._ranges = [*self._ranges[:i], new, *self._ranges[i:]]
             self._bases = [r.base for r in self._ranges]
+            self.generation += 1
         return new
 
     def remove(self, base: int) -> BusDevice:
@@ -94,36 +99,37 @@ class AddressSpace:
             self._ranges = self._ranges[:i] + self._ranges[i + 1 :]
             self._bases = [r.base for r in self._ranges]
             self._last = None
+            self.generation += 1
         return removed.device
 
     def find(self, address: int) -> BusRange | None:
         last = self._last
-        if last is not None and last.base <= address < last.base + last.size:
+        if last is not None and last.base <= address < last.end:
             return last
         bases = self._bases
         i = bisect.bisect_right(bases, address) - 1
         if i >= 0:
             candidate = self._ranges[i]
-            if address < candidate.base + candidate.size:
+            if address < candidate.end:
                 self._last = candidate
                 return candidate
         return None
 
     def read(self, address: int, data: memoryview) -> bool:
-        r = self.find(address)
-        if r is not None:
-            offset = address - r.base
-            if offset + len(data) <= r.size:
-                r.device.read(offset, data)
-                return True
+        r = self._last
+        if r is None or not r.base <= address < r.end:
+            r = self.find(address)
+        if r is not None and address + len(data) <= r.end:
+            r.device.read(address - r.base, data)
+            return True
         data[:] = b"\xff" * len(data)
         return False
 
     def write(self, address: int, data: memoryview) -> bool:
-        r = self.find(address)
-        if r is not None:
-            offset = address - r.base
-            if offset + len(data) <= r.size:
-                r.device.write(offset, data)
-                return True
+        r = self._last
+        if r is None or not r.base <= address < r.end:
+            r = self.find(address)
+        if r is not None and address + len(data) <= r.end:
+            r.device.write(address - r.base, data)
+            return True
         return False

@@ -5,8 +5,8 @@ from __future__ import annotations
 import mmap
 from typing import TYPE_CHECKING, Any
 
-from trivmm.kvm._ffi import IOCTLS, ffi, libc
-from trivmm.kvm._ioctl import ULONG, FdObject, KvmError
+from trivmm.kvm._ffi import IOCTLS, ffi, ioctl_fixed
+from trivmm.kvm._ioctl import FdObject, KvmError
 from trivmm.kvm.constants import Cap
 
 if TYPE_CHECKING:
@@ -15,7 +15,6 @@ if TYPE_CHECKING:
 __all__ = ["Vcpu", "Translation"]
 
 _KVM_RUN = IOCTLS["KVM_RUN"]
-_NULL_ARG = ULONG(0)
 
 
 class Translation:
@@ -46,7 +45,7 @@ class Vcpu(FdObject):
 
     def kvm_run(self) -> int:
         """One KVM_RUN; return 0 or the errno (EINTR after a kick). The GIL is released."""
-        if libc.ioctl(self._fd, _KVM_RUN, _NULL_ARG) < 0:
+        if ioctl_fixed(self._fd, _KVM_RUN, ffi.NULL) < 0:
             return ffi.errno  # type: ignore[no-any-return]
         return 0
 

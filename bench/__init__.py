@@ -1,0 +1,1 @@
+"""trivmm's benchmarks: ``python -m bench`` (see docs/benchmarks.md)."""
