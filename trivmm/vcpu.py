@@ -19,6 +19,7 @@ import struct
 import threading
 from time import monotonic
 from collections.abc import Callable
+from typing import Any
 
 from trivmm._threads import kick_thread
 from trivmm.bus import AddressSpace
@@ -170,7 +171,7 @@ class VcpuRunner:
         # The PIO range this thread hit last, while the bus's table is unchanged: a guest
         # tends to hammer one device, and this skips a lookup and two calls per exit.
         hot_base = hot_end = -1
-        hot_device = None
+        hot_device: Any = None
         hot_generation = -1
         arm_pending = self._arm_on_exit
         # Requests are not polled here: every request comes with a kick, which leaves
@@ -203,9 +204,9 @@ class VcpuRunner:
                     if count == 1:
                         if hot_base <= port and port + size <= hot_end and hot_generation == pio.generation:
                             if direction:
-                                hot_device.write(port - hot_base, view[offset : offset + size])  # type: ignore[union-attr]
+                                hot_device.write(port - hot_base, view[offset : offset + size])
                             else:
-                                hot_device.read(port - hot_base, view[offset : offset + size])  # type: ignore[union-attr]
+                                hot_device.read(port - hot_base, view[offset : offset + size])
                             continue
                         if direction:
                             pio_write(port, view[offset : offset + size])
