@@ -17,8 +17,8 @@ import enum
 import errno
 import struct
 import threading
-from time import monotonic
 from collections.abc import Callable
+from time import monotonic
 from typing import Any
 
 from trivmm._threads import kick_thread

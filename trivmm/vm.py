@@ -60,6 +60,7 @@ class _ConsoleBuffer:
         self._limit = limit
         self._token: trio.lowlevel.TrioToken | None = None
         self._ready = trio.Event()
+        self._closing = False
         self.dropped = 0
 
     def __call__(self, data: bytes) -> None:
@@ -71,16 +72,23 @@ class _ConsoleBuffer:
         if was_empty and self._token is not None:
             self._token.run_sync_soon(self._ready.set)
 
+    def close(self) -> None:
+        """No more output is coming: ``drain_to`` returns once the buffer is empty."""
+        self._closing = True
+        self._ready.set()
+
     async def drain_to(self, stream: trio.abc.SendStream) -> None:
         self._token = trio.lowlevel.current_trio_token()
         while True:
             with self._lock:
                 chunk = bytes(self._data)
                 self._data.clear()
-                if not chunk:
+                if not chunk and not self._closing:
                     self._ready = trio.Event()
             if chunk:
                 await stream.send_all(chunk)
+            elif self._closing:
+                return
             else:
                 await self._ready.wait()
 
@@ -190,20 +198,21 @@ class VM:
         ensure_kick_handler()
         self._token = trio.lowlevel.current_trio_token()
         try:
-            async with trio.open_nursery() as services:
+            async with trio.open_nursery() as console:
                 if self._console_stream is not None:
-                    services.start_soon(self._console_buffer.drain_to, self._console_stream)
-                if self._console_input is not None:
-                    services.start_soon(self._pump_console_input, self._console_input)
-                if any(r.syscalls is not None for r in self.runners):
-                    services.start_soon(self._refresh_quirk_hooks)
-                async with trio.open_nursery() as vcpu_tasks:
-                    for runner in self.runners:
-                        name = f"trivmm-vcpu{runner.index}"
-                        vcpu_tasks.start_soon(run_in_owned_thread, runner.run, runner.request_stop, name)
+                    console.start_soon(self._console_buffer.drain_to, self._console_stream)
+                async with trio.open_nursery() as services:
+                    if self._console_input is not None:
+                        services.start_soon(self._pump_console_input, self._console_input)
+                    if any(r.syscalls is not None for r in self.runners):
+                        services.start_soon(self._refresh_quirk_hooks)
+                    async with trio.open_nursery() as vcpu_tasks:
+                        for runner in self.runners:
+                            name = f"trivmm-vcpu{runner.index}"
+                            vcpu_tasks.start_soon(run_in_owned_thread, runner.run, runner.request_stop, name)
+                    services.cancel_scope.cancel()
                 if self._console_stream is not None:
-                    await trio.sleep(0)  # let the last console bytes reach the stream
-                services.cancel_scope.cancel()
+                    self._console_buffer.close()  # the drain task sends what is left, then ends
         except BaseExceptionGroup as group:
             raise _collapse(group) from None
         assert self._stop_reason is not None

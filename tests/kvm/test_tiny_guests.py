@@ -186,3 +186,18 @@ async def test_console_to_a_trio_stream(tmp_path: Path) -> None:
                 while b"stream-test" not in seen:
                     seen += await receive.receive_some()
     assert seen.startswith(b"Hello from the trivmm built-in guest!")
+
+
+async def test_console_input_from_a_trio_stream_reaches_the_guest(tmp_path: Path) -> None:
+    send, receive = trio.testing.memory_stream_one_way_pair()
+    elf = assemble("serial_echo", tmp_path)
+    with VM(VmConfig(kernel=elf, memory="16M"), console_input=receive) as vm:
+        log = Log()
+        vm.pio.insert(0x510, 4, log)
+        text = b"typed by the host, longer than the sixty-four byte receive FIFO of a 16550A UART\n"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send.send_all, text)
+            with trio.fail_after(20):
+                result = await vm.run()
+    assert result.reason is StopReason.POWER_OFF
+    assert bytes(log.values) == text

@@ -98,3 +98,23 @@ def test_cli_bad_input_is_one_line_and_status_2(tmp_path) -> None:  # type: igno
         assert result.returncode == 2, result
         assert result.stderr.startswith("trivmm: ") and result.stderr.count("\n") == 1
         assert "Traceback" not in result.stderr
+
+
+def test_a_missing_capability_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from trivmm.kvm import Cap, Kvm, MissingCapability
+
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("/dev/kvm is not available")
+    with Kvm() as kvm:
+        monkeypatch.setattr(Kvm, "check_extension", lambda self, cap: 0 if cap is Cap.IRQFD else 1)
+        with pytest.raises(MissingCapability, match="KVM_CAP_IRQFD"):
+            kvm.require(Cap.USER_MEMORY, Cap.IRQFD)
+
+
+def test_kvm_unavailable_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from trivmm.kvm import Kvm, KvmUnavailable
+
+    with pytest.raises(KvmUnavailable, match="no-such-kvm"):
+        Kvm(str(tmp_path / "no-such-kvm"))

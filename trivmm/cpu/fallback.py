@@ -49,7 +49,7 @@ _KNOWN_NAMES: dict[bytes, str] = {
     b"\xf0\x48\x0f\xc7": "lock cmpxchg16b",
     b"\x48\x0f\xc7": "cmpxchg16b",
     b"\x48\x0f\xae": "xsave/xrstor family",
-    b"\x0f\xae": "fxsave/ldmxcsr/stmxcsr family (0f ae)",
+    b"\x0f\xae": "ldmxcsr/stmxcsr/fxsave family (0f ae)",
     b"\xf3\x0f\xb8": "popcnt",
     b"\xf3\x48\x0f\xb8": "popcnt",
     b"\x0f\x01\xca": "clac",
@@ -176,12 +176,111 @@ def _rflags_ac(value: bool) -> Callable[[GuestView, int, bytes], None]:
     return handle
 
 
+_GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")  # fmt: skip
+_SEGMENT_PREFIXES = {0x26: None, 0x2E: None, 0x36: None, 0x3E: None, 0x64: "fs", 0x65: "gs"}
+
+
+class _Undecodable(GuestMemoryError):
+    """The bytes are not a form the decoder handles."""
+
+
+def decode_memory_operand(code: bytes, rip: int, regs: object, sregs: object) -> tuple[int, int, int]:
+    """Decode ``[segment prefix] [REX] 0F <op> ModRM [SIB] [disp]`` in 64-bit mode.
+
+    Returns (ModRM reg field, effective guest-virtual address, instruction length). Only
+    memory operands are accepted (mod != 3); every read is bounds-checked against ``code``.
+    """
+
+    def byte(i: int) -> int:
+        if i >= len(code):
+            raise _Undecodable("instruction bytes end inside the instruction")
+        return code[i]
+
+    pos, segment_base, rex = 0, 0, 0
+    while byte(pos) in _SEGMENT_PREFIXES:
+        name = _SEGMENT_PREFIXES[code[pos]]
+        segment_base = getattr(sregs, name).base if name else 0
+        pos += 1
+    if 0x40 <= byte(pos) <= 0x4F:
+        rex = code[pos]
+        pos += 1
+    if byte(pos) != 0x0F:
+        raise _Undecodable("not a two-byte (0F) opcode")
+    pos += 2  # 0F and the opcode byte
+    modrm = byte(pos)
+    pos += 1
+    mod, reg, rm = modrm >> 6, (modrm >> 3) & 7, modrm & 7
+    if mod == 3:
+        raise _Undecodable("register operand, not memory")
+
+    def gpr(number: int) -> int:
+        return int(getattr(regs, _GPR_NAMES[number]))
+
+    address = 0
+    if rm == 4:  # SIB
+        sib = byte(pos)
+        pos += 1
+        scale, index, base = 1 << (sib >> 6), ((sib >> 3) & 7) | (rex & 0x2) << 2, (sib & 7) | (rex & 0x1) << 3
+        if index != 4:
+            address += gpr(index) * scale
+        if (base & 7) == 5 and mod == 0:
+            address += int.from_bytes(bytes(byte(pos + i) for i in range(4)), "little", signed=True)
+            pos += 4
+        else:
+            address += gpr(base)
+    elif rm == 5 and mod == 0:  # RIP-relative: from the next instruction
+        disp = int.from_bytes(bytes(byte(pos + i) for i in range(4)), "little", signed=True)
+        pos += 4
+        address = rip + pos + disp
+    else:
+        address = gpr(rm | (rex & 0x1) << 3)
+    if mod == 1:
+        address += int.from_bytes(bytes([byte(pos)]), "little", signed=True)
+        pos += 1
+    elif mod == 2:
+        address += int.from_bytes(bytes(byte(pos + i) for i in range(4)), "little", signed=True)
+        pos += 4
+    return reg, (segment_base + address) & 0xFFFF_FFFF_FFFF_FFFF, pos
+
+
+def _handle_0f_ae(view: GuestView, rip: int, code: bytes) -> None:
+    """LDMXCSR m32 (0F AE /2) and STMXCSR m32 (0F AE /3) through the vCPU's FPU state."""
+    vcpu = view.vcpu
+    regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+    reg, address, length = decode_memory_operand(code, rip, regs, sregs)
+    fpu = vcpu.get_fpu()
+    if reg == 2:
+        (value,) = struct.unpack("<I", view.read(address, 4))
+        if value & 0xFFFF_0000:
+            raise GuestMemoryError(f"LDMXCSR of reserved bits ({value:#x}) would #GP; not emulated")
+        fpu.mxcsr = value
+        vcpu.set_fpu(fpu)
+    elif reg == 3:
+        view.write(address, struct.pack("<I", fpu.mxcsr))
+    else:
+        raise _Undecodable(f"0f ae /{reg} is not ldmxcsr/stmxcsr")
+    regs.rip = rip + length
+    vcpu.set_regs(regs)
+
+
+def _with_prefixes(opcode: bytes) -> list[bytes]:
+    """``opcode`` as it may appear after an optional segment prefix and REX byte."""
+    forms = [opcode]
+    for rex in range(0x40, 0x50):
+        forms.append(bytes([rex]) + opcode)
+    for segment in (0x64, 0x65):
+        forms += [bytes([segment]) + f for f in list(forms)]
+    return forms
+
+
 # Exact leading bytes -> what to do. Longest match wins.
 INSTRUCTION_HANDLERS: dict[bytes, Callable[[GuestView, int, bytes], None]] = {
     b"\xcc": _handle_int3,
     b"\x9b": _handle_fwait,
     b"\x0f\x01\xca": _rflags_ac(False),  # clac
     b"\x0f\x01\xcb": _rflags_ac(True),  # stac
+    **{form: _handle_0f_ae for form in _with_prefixes(b"\x0f\xae")},  # ldmxcsr / stmxcsr
 }
 
 

@@ -189,7 +189,7 @@ def build_stock(cache: Path) -> Path:
         moddir = out / "modules"
         moddir.mkdir(exist_ok=True)
         for ko in (work / "root/lib/modules").rglob("*.ko*"):
-            stem = ko.name.split(".ko")[0]
+            stem = ko.name.split(".ko")[0].replace("-", "_")
             if stem in _STOCK_MODULES:
                 (moddir / f"{stem}.ko").write_bytes(_decompress_module(ko))
         (out / "package").write_text(package)
