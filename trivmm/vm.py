@@ -294,9 +294,9 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
 
 
 def _collapse(group: BaseExceptionGroup) -> BaseException:
-    """One error for the user: the first of trivmm's own, else the first KVM error."""
+    """One error for the caller: Ctrl-C first, then trivmm's own errors, then KVM's."""
     leaves = _leaves(group)
-    for kind in (TrivmmError, KvmError):
+    for kind in (KeyboardInterrupt, TrivmmError, KvmError):
         for exc in leaves:
             if isinstance(exc, kind):
                 exc.__context__ = group

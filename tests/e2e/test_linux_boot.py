@@ -65,6 +65,17 @@ async def test_small_kernel_by_the_64_bit_entry() -> None:
     assert re.search(r"Command line: .*console=ttyS0", console)
 
 
+async def test_small_bzimage_by_the_linux_boot_protocol() -> None:
+    small = _guest("small")
+    output = bytearray()
+    config = VmConfig(kernel=small / "bzImage", initrd=small / "initramfs.cpio")
+    with VM(config, console_output=output.extend) as vm, trio.fail_after(SMALL_BOOT_TIMEOUT):
+        result = await vm.run()
+    console = output.decode(errors="replace")
+    assert result.reason in (StopReason.RESET, StopReason.POWER_OFF)
+    assert f"{INIT_MARKER} cpus=1" in console, console[-3000:]
+
+
 @pytest.mark.stock
 async def test_stock_cloud_kernel_reaches_init() -> None:
     stock = _guest("stock")

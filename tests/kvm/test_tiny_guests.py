@@ -201,3 +201,18 @@ async def test_console_input_from_a_trio_stream_reaches_the_guest(tmp_path: Path
                 result = await vm.run()
     assert result.reason is StopReason.POWER_OFF
     assert bytes(log.values) == text
+
+
+def test_ctrl_c_stops_the_cli_cleanly(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    elf = assemble("cpl3_loop", tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "trivmm", "run", "--kernel", str(elf), "--memory", "16M"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    time.sleep(1.5)  # a guest spinning at CPL3: no exits of its own
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130
+    assert err.decode() == "trivmm: interrupted\n"

@@ -118,3 +118,15 @@ def test_kvm_unavailable_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-
 
     with pytest.raises(KvmUnavailable, match="no-such-kvm"):
         Kvm(str(tmp_path / "no-such-kvm"))
+
+
+def test_shipped_builtin_guest_is_built_from_its_source(binutils: None) -> None:
+    from trivmm.guest.builtin import assemble_builtin_guest, builtin_guest
+
+    assert assemble_builtin_guest() == builtin_guest(), "run `python -m trivmm guest builtin` and commit hello.elf"
+
+
+def test_generated_cffi_module_is_current() -> None:
+    from trivmm.kvm._build_ffi import TARGET, generate
+
+    assert generate() == TARGET.read_text(), "run `python -m trivmm.kvm._build_ffi` and commit _kvm_cffi.py"

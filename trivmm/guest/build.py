@@ -37,7 +37,7 @@ _SMALL_CONFIG = _HERE / "small-kernel.config"
 _INIT_SCRIPT = _HERE / "init.sh"
 _LINUX_SOURCE_PACKAGE = "linux-source-6.1"
 _LINUX_SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
-_KERNEL_BUILD_PACKAGES = ["flex", "bison", "bc", "libelf-dev", "libssl-dev", "make", "gcc"]
+_KERNEL_BUILD_PACKAGES = ["flex", "bison", "bc", "libelf-dev", "libssl-dev", "make", "gcc", "lz4"]
 _STOCK_META_PACKAGE = "linux-image-cloud-amd64"
 _BUSYBOX = Path("/bin/busybox")
 # The stock kernel's drivers for trivmm's devices, in load order (modinfo "depends").
