@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import stat
 import sys
 import termios
 from collections.abc import Iterator, Sequence
+
+import trio
 
 __all__ = ["main"]
 
@@ -92,37 +95,44 @@ def _write_stdout(data: bytes) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import trio
-
     from trivmm.config import VmConfig
     from trivmm.vm import VM
 
     config = VmConfig(kernel=args.kernel, initrd=args.initrd, append=args.append, memory=args.memory,
                       vcpus=args.vcpus, cpu_template=args.cpu_template, boot_protocol=args.boot_protocol)  # fmt: skip
-    stdin = None
-    if not os.isatty(0) and os.fstat(0).st_size == 0 and not _is_stream(0):
-        stdin = None
-    elif _is_stream(0) or os.isatty(0):
-        stdin = 0
-
     async def main() -> int:
-        console_in = trio.lowlevel.FdStream(os.dup(stdin)) if stdin is not None else None
-        with VM(config, console_output=_write_stdout, console_input=console_in) as vm:
+        with VM(config, console_output=_write_stdout, console_input=_stdin_stream()) as vm:
             await vm.run()
         return EXIT_OK
 
-    with _guest_terminal(0) if stdin is not None else contextlib.nullcontext():
+    with _guest_terminal(0):
         return trio.run(main)
 
 
-def _is_stream(fd: int) -> bool:
-    import stat
+class _RegularFileStream(trio.abc.ReceiveStream):
+    """stdin redirected from a regular file: epoll cannot watch those, so read in a thread."""
 
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await trio.to_thread.run_sync(os.read, self._fd, max_bytes or 4096)
+
+    async def aclose(self) -> None:
+        os.close(self._fd)
+
+
+def _stdin_stream() -> trio.abc.ReceiveStream | None:
+    """stdin as a trio stream for the guest's serial port, or None if it is closed."""
+    if sys.stdin is None:  # fd 0 was closed at start-up; it may since hold another file
+        return None
     try:
-        mode = os.fstat(fd).st_mode
+        mode = os.fstat(0).st_mode
     except OSError:
-        return False
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode)
+        return None
+    if stat.S_ISREG(mode):
+        return _RegularFileStream(os.dup(0))
+    return trio.lowlevel.FdStream(os.dup(0))
 
 
 def _guest(args: argparse.Namespace) -> int:

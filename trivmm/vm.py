@@ -219,8 +219,13 @@ class VM:
         return VmExit(self._stop_reason, sum(r.exits for r in self.runners))
 
     async def _pump_console_input(self, stream: trio.abc.ReceiveStream) -> None:
+        """Host -> guest serial input. End of input, or a broken input, ends the pump only:
+        the guest runs on without a keyboard."""
         while True:
-            data = await stream.receive_some(4096)
+            try:
+                data = await stream.receive_some(4096)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
             if not data:
                 return
             while data:

@@ -173,7 +173,8 @@ def build_stock(cache: Path) -> Path:
     if not images:
         raise GuestBuildError(f"apt-cache knows no image behind {_STOCK_META_PACKAGE} (run apt-get update)")
     package = images[0]
-    if not (out / "vmlinux").exists() or (out / "package").read_text() != package:
+    stamp = out / "package"
+    if not (out / "System.map").exists() or not stamp.exists() or stamp.read_text() != package:
         _log(f"downloading {package}")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -184,8 +185,8 @@ def build_stock(cache: Path) -> Path:
         vmlinuz = next((work / "root/boot").glob("vmlinuz-*"))
         shutil.copyfile(vmlinuz, out / "bzImage")
         (out / "vmlinux").write_bytes(extract_vmlinux(vmlinuz.read_bytes()))
-        config = next((work / "root/boot").glob("config-*"))
-        shutil.copyfile(config, out / "config")
+        for pattern, name in (("config-*", "config"), ("System.map-*", "System.map")):
+            shutil.copyfile(next((work / "root/boot").glob(pattern)), out / name)
         moddir = out / "modules"
         moddir.mkdir(exist_ok=True)
         for ko in (work / "root/lib/modules").rglob("*.ko*"):
