@@ -20,7 +20,7 @@ import trio
 
 from trivmm._threads import ensure_kick_handler, run_in_owned_thread
 from trivmm.boot.layout import ram_ranges
-from trivmm.boot.loader import BootEntry, load_kernel
+from trivmm.boot.loader import BootEntry, check_kernel, load_kernel
 from trivmm.bus import MMIO_LIMIT, PIO_LIMIT, AddressSpace
 from trivmm.config import VmConfig
 from trivmm.cpu.setup import configure_vcpu, set_entry_state, vcpu_cpuid
@@ -105,6 +105,7 @@ class VM:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         kernel = config.read_kernel()
+        check_kernel(kernel)  # bad input is reported as such, before any KVM resource is taken
         initrd = config.read_initrd()
         self._console_stream: trio.abc.SendStream | None = None
         if console_output is None:

@@ -93,10 +93,15 @@ def test_cli_help_lists_every_run_option() -> None:
 def test_cli_bad_input_is_one_line_and_status_2(tmp_path) -> None:  # type: ignore[no-untyped-def]
     not_a_kernel = tmp_path / "notes.txt"
     not_a_kernel.write_text("hello\n" * 200)
-    for args in (["--kernel", str(not_a_kernel)], ["--kernel", str(tmp_path / "absent")], ["--memory", "12Q"]):
+    cases = [(["--kernel", str(not_a_kernel)], "not a bzImage or an ELF vmlinux"),
+             (["--kernel", str(tmp_path / "absent")], "cannot read kernel"),
+             (["--memory", "12Q"], "bad size"),
+             (["--vcpus", "0"], "vcpus must be")]  # fmt: skip
+    for args, reason in cases:
         result = _cli("run", *args)
         assert result.returncode == 2, result
         assert result.stderr.startswith("trivmm: ") and result.stderr.count("\n") == 1
+        assert reason in result.stderr
         assert "Traceback" not in result.stderr
 
 

@@ -29,7 +29,7 @@ from trivmm.boot.elf import ElfImage
 from trivmm.boot.mptable import build_mptable
 from trivmm.memory import GuestMemory, GuestMemoryError
 
-__all__ = ["BootProtocol", "BootEntry", "load_kernel", "KernelImageError"]
+__all__ = ["BootProtocol", "BootEntry", "check_kernel", "load_kernel", "KernelImageError"]
 
 _PAGE = 0x1000
 _PDE_2M = 0x83  # present | writable | 2 MiB page
@@ -158,6 +158,17 @@ def _hvm_start_info(memory: GuestMemory, cmdline_size: int, initrd: tuple[int, i
     info = struct.pack("<IIIIQQQQII", _HVM_START_MAGIC, 1, 0, modules, layout.PVH_MODLIST if modules else 0,
                        layout.CMDLINE, rsdp, layout.PVH_MEMMAP, len(e820), 0)  # fmt: skip
     memory.write(layout.PVH_START_INFO, info)
+
+
+def check_kernel(kernel: bytes) -> None:
+    """Raise ``KernelImageError`` unless ``kernel`` parses as a bzImage or an ELF vmlinux."""
+    if kernel[:4] == b"\x7fELF":
+        ElfImage.parse(kernel)
+        return
+    try:
+        SetupHeader.parse(kernel)
+    except KernelImageError as exc:
+        raise KernelImageError(f"not a bzImage or an ELF vmlinux: {exc}") from None
 
 
 def load_kernel(memory: GuestMemory, kernel: bytes, *, initrd: bytes | None = None,

@@ -174,7 +174,7 @@ def build_stock(cache: Path) -> Path:
         raise GuestBuildError(f"apt-cache knows no image behind {_STOCK_META_PACKAGE} (run apt-get update)")
     package = images[0]
     stamp = out / "package"
-    if not (out / "System.map").exists() or not stamp.exists() or stamp.read_text() != package:
+    if not (out / "vmlinux").exists() or not stamp.exists() or stamp.read_text() != package:
         _log(f"downloading {package}")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -185,8 +185,8 @@ def build_stock(cache: Path) -> Path:
         vmlinuz = next((work / "root/boot").glob("vmlinuz-*"))
         shutil.copyfile(vmlinuz, out / "bzImage")
         (out / "vmlinux").write_bytes(extract_vmlinux(vmlinuz.read_bytes()))
-        for pattern, name in (("config-*", "config"), ("System.map-*", "System.map")):
-            shutil.copyfile(next((work / "root/boot").glob(pattern)), out / name)
+        # (Debian's System.map here is a placeholder pointing at the -dbg package.)
+        shutil.copyfile(next((work / "root/boot").glob("config-*")), out / "config")
         moddir = out / "modules"
         moddir.mkdir(exist_ok=True)
         for ko in (work / "root/lib/modules").rglob("*.ko*"):
