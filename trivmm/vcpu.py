@@ -173,6 +173,10 @@ class VcpuRunner:
         hot_base = hot_end = -1
         hot_device: Any = None
         hot_generation = -1
+        # KVM puts PIO data at a fixed offset in the run page: keep one view per access
+        # size there rather than slicing a new memoryview on every exit.
+        io_offset = -1
+        io_views: list[memoryview] = []
         arm_pending = self._arm_on_exit
         # Requests are not polled here: every request comes with a kick, which leaves
         # immediate_exit set until the EINTR branch below clears it and then looks. A
@@ -202,16 +206,20 @@ class VcpuRunner:
                 reason, direction, size, port, count, offset = unpack_exit(page, 8)
                 if reason == _EXIT_IO:
                     if count == 1:
+                        if offset != io_offset:
+                            io_offset = offset
+                            io_views = [view[offset : offset + n] for n in range(9)]
+                        data = io_views[size]
                         if hot_base <= port and port + size <= hot_end and hot_generation == pio.generation:
                             if direction:
-                                hot_device.write(port - hot_base, view[offset : offset + size])
+                                hot_device.write(port - hot_base, data)
                             else:
-                                hot_device.read(port - hot_base, view[offset : offset + size])
+                                hot_device.read(port - hot_base, data)
                             continue
                         if direction:
-                            pio_write(port, view[offset : offset + size])
+                            pio_write(port, data)
                         else:
-                            pio_read(port, view[offset : offset + size])
+                            pio_read(port, data)
                         hit = pio.find(port)
                         if hit is not None:
                             hot_base, hot_end, hot_device = hit.base, hit.end, hit.device
@@ -236,6 +244,8 @@ class VcpuRunner:
                     return
         finally:
             self.exits += exits
+            for held in io_views:
+                held.release()
             view.release()
 
     def _refresh_syscall_hook(self) -> None:

@@ -32,7 +32,9 @@ class BusDevice(Protocol):
     """What a device offers the bus. Both run on a vCPU thread: no blocking, no awaits."""
 
     def read(self, offset: int, data: memoryview) -> None:
-        """Fill ``data`` (1, 2, 4 or 8 bytes) with the register value at ``offset``."""
+        """Fill ``data`` (1, 2, 4 or 8 bytes) with the register value at ``offset``.
+
+        ``data`` is a view into KVM's run page, valid only during the call."""
 
     def write(self, offset: int, data: memoryview) -> None:
         """Take the bytes in ``data`` written at ``offset``."""
