@@ -41,9 +41,9 @@ _KERNEL_BUILD_PACKAGES = ["flex", "bison", "bc", "libelf-dev", "libssl-dev", "ma
 _STOCK_META_PACKAGE = "linux-image-cloud-amd64"
 _BUSYBOX = Path("/bin/busybox")
 # The stock kernel's drivers for trivmm's devices, in load order (modinfo "depends").
-_STOCK_MODULES = ["virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_net",
-                  "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
-                  "virtio_rng"]  # fmt: skip
+_STOCK_MODULES = ["virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "failover", "net_failover",
+                  "virtio_net", "vsock", "vmw_vsock_virtio_transport_common",
+                  "vmw_vsock_virtio_transport", "virtio_rng"]  # fmt: skip
 
 
 class GuestBuildError(Exception):
@@ -174,7 +174,8 @@ def build_stock(cache: Path) -> Path:
         raise GuestBuildError(f"apt-cache knows no image behind {_STOCK_META_PACKAGE} (run apt-get update)")
     package = images[0]
     stamp = out / "package"
-    if not (out / "vmlinux").exists() or not stamp.exists() or stamp.read_text() != package:
+    wanted = ",".join(_STOCK_MODULES)
+    if not (out / "vmlinux").exists() or not stamp.exists() or stamp.read_text() != f"{package} {wanted}":
         _log(f"downloading {package}")
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -193,7 +194,7 @@ def build_stock(cache: Path) -> Path:
             stem = ko.name.split(".ko")[0].replace("-", "_")
             if stem in _STOCK_MODULES:
                 (moddir / f"{stem}.ko").write_bytes(_decompress_module(ko))
-        (out / "package").write_text(package)
+        stamp.write_text(f"{package} {wanted}")
         shutil.rmtree(work, ignore_errors=True)
     modules = [(name, (out / "modules" / f"{name}.ko").read_bytes())
                for name in _STOCK_MODULES if (out / "modules" / f"{name}.ko").exists()]  # fmt: skip
