@@ -171,6 +171,19 @@ def test_syscall_completion_from_the_pf_breakpoint(memory: GuestMemory) -> None:
     assert vcpu.sregs.cs.selector == 0x10 and vcpu.sregs.cs.l == 1 and vcpu.sregs.cs.dpl == 0
     assert vcpu.sregs.ss.selector == 0x18
     assert completer.completed == 1
+    assert completer.base_mismatches == 0
+
+
+def test_syscall_completion_keeps_the_msr_fs_base(memory: GuestMemory) -> None:
+    _gate(memory, 14, 0x150000)
+    vcpu = FakeVcpu(memory, rip=0x100000)
+    vcpu.msrs[0xC0000100] = 0x7F00_1234_0000  # the task's TLS, as the guest kernel wrote it
+    vcpu.sregs.fs.base = 0  # a stale copy in the segment state
+    completer = SyscallCompleter(GuestView(vcpu, memory))  # type: ignore[arg-type]
+    completer.refresh()
+    assert completer.on_debug_exit(_fault_frame(memory, vcpu, rip=LSTAR, cs=0x33))
+    assert vcpu.sregs.fs.base == 0x7F00_1234_0000
+    assert completer.base_mismatches == 1
 
 
 def test_other_page_faults_are_stepped_over_then_rearmed(memory: GuestMemory) -> None:

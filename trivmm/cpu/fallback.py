@@ -38,6 +38,7 @@ _EFER_LMA = 0x400
 _RFLAGS_IF, _RFLAGS_TF, _RFLAGS_NT, _RFLAGS_RF, _RFLAGS_AC = 1 << 9, 1 << 8, 1 << 14, 1 << 16, 1 << 18
 _RFLAGS_FIXED = 0x2
 _MSR_STAR, _MSR_LSTAR, _MSR_FMASK = 0xC000_0081, 0xC000_0082, 0xC000_0084
+_MSR_FS_BASE, _MSR_GS_BASE = 0xC000_0100, 0xC000_0101
 _VECTOR_BP, _VECTOR_PF = 3, 14
 _DR7_L0 = 0x1
 _DR7_FIXED = 0x400
@@ -329,6 +330,7 @@ class SyscallCompleter:
     stepping: bool = False
     completed: int = 0
     passed_faults: int = 0
+    base_mismatches: int = 0  # FS/GS bases where KVM_GET_SREGS and KVM_GET_MSRS disagreed
 
     def _arm(self, handler: int) -> None:
         self.view.vcpu.set_guest_debug(GuestDebug.ENABLE | GuestDebug.USE_HW_BP,
@@ -365,7 +367,7 @@ class SyscallCompleter:
             return False
         regs = vcpu.get_regs()
         _error, rip, cs, rflags, user_rsp, _ss = struct.unpack("<6Q", self.view.read(regs.rsp, 48))
-        msrs = vcpu.get_msrs([_MSR_STAR, _MSR_LSTAR, _MSR_FMASK])
+        msrs = vcpu.get_msrs([_MSR_STAR, _MSR_LSTAR, _MSR_FMASK, _MSR_FS_BASE, _MSR_GS_BASE])
         if rip == msrs.get(_MSR_LSTAR) and cs & 3 == 3:
             self._complete_syscall(regs, msrs, rflags, user_rsp)
         else:
@@ -379,6 +381,15 @@ class SyscallCompleter:
     def _complete_syscall(self, regs: object, msrs: dict[int, int], rflags: int, user_rsp: int) -> None:
         vcpu = self.view.vcpu
         sregs = vcpu.get_sregs()
+        # KVM_SET_SREGS writes every segment back. Take the FS/GS bases from the MSRs, the
+        # registers the guest kernel writes (arch_prctl); a stale base in the segment state
+        # would otherwise be written over the task's TLS pointer. (Suspected on the nested
+        # host after one user task died on an FS-relative load with FS base 0.)
+        for seg, index in ((sregs.fs, _MSR_FS_BASE), (sregs.gs, _MSR_GS_BASE)):
+            base = msrs.get(index)
+            if base is not None and base != seg.base:
+                self.base_mismatches += 1
+                seg.base = base
         kernel_cs = (msrs[_MSR_STAR] >> 32) & 0xFFFF
         for seg, selector, seg_type, long_code in ((sregs.cs, kernel_cs, 0xB, True),
                                                    (sregs.ss, kernel_cs + 8, 0x3, False)):  # fmt: skip
