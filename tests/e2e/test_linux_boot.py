@@ -86,3 +86,37 @@ async def test_stock_cloud_kernel_reaches_init() -> None:
     console = output.decode(errors="replace")
     assert result.reason is StopReason.POWER_OFF, console[-3000:]
     assert f"{INIT_MARKER} cpus=2" in console, console[-3000:]
+
+
+def test_busybox_shell_on_the_serial_console_through_the_cli() -> None:
+    """stdin -> UART receive interrupts -> Linux's 8250 driver -> a shell, and back."""
+    import threading
+
+    small = _guest("small")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trivmm", "run", "--kernel", str(small / "vmlinux"),
+         "--initrd", str(small / "initramfs.cpio"), "--append", "trivmm.shell"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    console = bytearray()
+    reader = threading.Thread(target=lambda: [console.extend(c) for c in iter(lambda: proc.stdout.read1(4096), b"")])
+    reader.start()
+
+    def wait_for(text: bytes, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while text not in console:
+            assert time.monotonic() < deadline, f"no {text!r} on the console: {bytes(console[-2000:])!r}"
+            time.sleep(0.2)
+
+    try:
+        wait_for(b"/ # ", SMALL_BOOT_TIMEOUT)
+        proc.stdin.write(b"echo SHELL-$((6*7))-WORKS\n")
+        proc.stdin.flush()
+        wait_for(b"SHELL-42-WORKS", 60)  # the shell evaluated what we typed
+        proc.stdin.write(b"exit\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=120) == 0
+    finally:
+        proc.kill()
+        reader.join(timeout=10)
