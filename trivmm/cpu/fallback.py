@@ -198,6 +198,9 @@ def decode_memory_operand(code: bytes, rip: int, regs: object, sregs: object) ->
             raise _Undecodable("instruction bytes end inside the instruction")
         return code[i]
 
+    def signed(i: int, width: int) -> int:  # a little-endian displacement at code[i:]
+        return int.from_bytes(bytes(byte(i + k) for k in range(width)), "little", signed=True)
+
     pos, segment_base, rex = 0, 0, 0
     while byte(pos) in _SEGMENT_PREFIXES:
         name = _SEGMENT_PREFIXES[code[pos]]
@@ -226,21 +229,20 @@ def decode_memory_operand(code: bytes, rip: int, regs: object, sregs: object) ->
         if index != 4:
             address += gpr(index) * scale
         if (base & 7) == 5 and mod == 0:
-            address += int.from_bytes(bytes(byte(pos + i) for i in range(4)), "little", signed=True)
+            address += signed(pos, 4)
             pos += 4
         else:
             address += gpr(base)
     elif rm == 5 and mod == 0:  # RIP-relative: from the next instruction
-        disp = int.from_bytes(bytes(byte(pos + i) for i in range(4)), "little", signed=True)
+        address = rip + pos + 4 + signed(pos, 4)
         pos += 4
-        address = rip + pos + disp
     else:
         address = gpr(rm | (rex & 0x1) << 3)
     if mod == 1:
-        address += int.from_bytes(bytes([byte(pos)]), "little", signed=True)
+        address += signed(pos, 1)
         pos += 1
     elif mod == 2:
-        address += int.from_bytes(bytes(byte(pos + i) for i in range(4)), "little", signed=True)
+        address += signed(pos, 4)
         pos += 4
     return reg, (segment_base + address) & 0xFFFF_FFFF_FFFF_FFFF, pos
 
