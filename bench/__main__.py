@@ -1,13 +1,33 @@
 """Benchmarks, each a ratio or difference measured side by side in one run.
 
-    python -m bench                 exit cost and start-up (about half a minute)
+    python -m bench                 exit cost and start-up (about a minute)
     python -m bench --linux         also boot the small Debian-built guest to its init marker
 
-1. PIO exit cost: the same `out` loop run by ../shared/tools/kvm_exit_floor.c (a C loop
-   that answers each exit with the next KVM_RUN) and by trivmm (KVM_RUN -> bus -> a device),
-   alternately, N exits each. Prints trivmm/floor wall time per exit, and the VMM's own CPU
-   per exit beyond the floor's (user+sys of the process): the figure that predicts real
-   hardware, where the exit itself costs ~1 us rather than ~10.
+1. PIO exit cost, one 32-bit `out` loop answered three ways, alternating in every round:
+   - the C floor: ../shared/tools/kvm_exit_floor.c (compiled on the fly), a C loop that
+     answers each exit with the next KVM_RUN (its own copy of the loop, in real mode);
+   - the Python floor: bench/pyfloor.py, the cheapest exit loop CPython can run (one cffi
+     KVM_RUN and one struct unpack per exit, nothing else), in a process of its own;
+   - trivmm through its CLI, `python -m trivmm run --kernel <guest>`, the guest hammering
+     port 0x70, the CMOS RTC index register that trivmm's own RTC model claims.
+   The Python floor and the CLI run the same guest binary (bench/guests/exit_marks.S): the
+   loop, with a byte written to the serial port every PER_MARK exits, which trivmm copies
+   to stdout and the Python floor writes itself. Both processes start before the first
+   round and are stopped (SIGSTOP) at their first byte: start-up is never timed. In each
+   round each is continued (SIGCONT) for SLICES slices, in turn, the other one stopped; a
+   slice's clock starts at a byte that arrives alone in a read (the first read after a
+   continue is dropped: it may hold a byte from before the stop) and ends at one that comes
+   MARKS_PER_SLICE or more bytes later, so every timed exit ran without a stop in between.
+   Wall time per exit is that span over its exits; process CPU per exit is the change over
+   the same span of the run time of all the process's threads (/proc/PID/task/*/schedstat).
+   Each round also runs the C floor on as many exits, and trivmm's run loop through the
+   Python API (in this process, a null device on port 0x12: the figure earlier versions of
+   this benchmark printed). The marks cost both Python processes the same (one exit per
+   PER_MARK, counted, and a pipe write), plus trivmm's UART model once per mark.
+   Ratios are taken per round (the host's exit cost drifts from second to second; a
+   round's runs are seconds apart) and reported as median and range over rounds. The C
+   floor figure shows what the host's exit costs; the Python floor what any CPython VMM
+   pays on top; trivmm CLI / Python floor is what trivmm's own exit path costs.
 2. Start-up: process start to the first serial byte of `python -m trivmm run` (built-in
    guest), against a process that only imports trio, cffi and attrs; medians of several.
 3. (--linux) the small guest (PVH, 2 vCPUs) from process start to its init marker.
@@ -16,10 +36,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
 import re
 import resource
+import select
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,11 +55,42 @@ import trio
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR_SOURCE = Path(os.environ.get("TRIVMM_EXIT_FLOOR_C", ROOT.parent / "shared/tools/kvm_exit_floor.c"))
-EXIT_PORT = 0x12
+TEST_GUESTS = ROOT / "tests/kvm/guests"  # common.inc and the linker script of the tiny guests
+MARKS_GUEST = Path(__file__).parent / "guests/exit_marks.S"
+RTC_INDEX_PORT = 0x70  # trivmm's CMOS RTC claims it (trivmm/devices/rtc.py)
+NULL_PORT = 0x12  # the API path's port, as in kvm_exit_floor.c
+PER_MARK = 4096  # exits per mark: PER_MARK - 1 loop exits and the mark's own
+SLICES = 3  # slices per process per round
+MAX_EXITS = 65535  # what kvm_exit_floor.c takes (its guest counts in CX)
+MARK_TIMEOUT = 30.0  # seconds without a mark before a process counts as hung
+ENDLESS = 1_000_000  # marks in the guest the Python floor and the CLI run (hours of exits)
 
 
 def _cpu_seconds(usage: resource.struct_rusage) -> float:
     return usage.ru_utime + usage.ru_stime
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds the live threads of ``pid`` have run (ns resolution, unlike rusage)."""
+    total = 0
+    task_dir = f"/proc/{pid}/task"
+    for tid in os.listdir(task_dir):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            with open(f"{task_dir}/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+    return total * 1e-9
+
+
+def assemble_marks_guest(out_dir: Path, port: int, marks: int) -> Path:
+    """bench/guests/exit_marks.S, its loop aimed at ``port``, as an ELF in ``out_dir``."""
+    name = f"exit_marks_{port:#x}_{marks}"
+    obj, elf = out_dir / f"{name}.o", out_dir / f"{name}.elf"
+    symbols = {"EXIT_PORT": port, "COUNT": PER_MARK - 1, "MARKS": marks}
+    defsyms = [arg for sym, value in symbols.items() for arg in ("--defsym", f"{sym}={value}")]
+    subprocess.run(["as", "--64", "-I", str(TEST_GUESTS), *defsyms, "-o", str(obj), str(MARKS_GUEST)], check=True)
+    subprocess.run(["ld", "-m", "elf_x86_64", "-T", str(TEST_GUESTS / "guest.ld"), "-n", "--build-id=none",
+                    "--no-warn-rwx-segments", "-o", str(elf), str(obj)], check=True)  # fmt: skip
+    return elf
 
 
 def run_floor(binary: Path, exits: int) -> tuple[float, float]:
@@ -51,6 +106,8 @@ def run_floor(binary: Path, exits: int) -> tuple[float, float]:
 
 
 class NullPort:
+    """A device that reads as zeros and ignores writes."""
+
     def read(self, offset: int, data: memoryview) -> None:
         data[:] = bytes(len(data))
 
@@ -59,12 +116,13 @@ class NullPort:
 
 
 def run_trivmm(guest: Path, exits: int) -> tuple[float, float]:
-    """(wall seconds per exit, process CPU seconds per exit) of trivmm's run loop."""
+    """(wall seconds per exit, process CPU seconds per exit) of trivmm's run loop, through
+    the Python API in this process, with a ``NullPort`` on the guest's port."""
     from trivmm import VM, VmConfig
 
     async def main() -> tuple[float, float]:
         with VM(VmConfig(kernel=guest, memory="16M")) as vm:
-            vm.pio.insert(EXIT_PORT, 1, NullPort())
+            vm.pio.insert(NULL_PORT, 1, NullPort())
             cpu0, wall0 = _cpu_seconds(resource.getrusage(resource.RUSAGE_SELF)), time.perf_counter()
             result = await vm.run()
             wall, cpu = time.perf_counter() - wall0, _cpu_seconds(resource.getrusage(resource.RUSAGE_SELF)) - cpu0
@@ -74,38 +132,131 @@ def run_trivmm(guest: Path, exits: int) -> tuple[float, float]:
     return trio.run(main)
 
 
-def bench_exits(exits: int, rounds: int) -> None:
-    sys.path.insert(0, str(ROOT))
-    from tests.kvm.guests import assemble
+@dataclasses.dataclass
+class Span:
+    """Wall and CPU seconds over a number of exits."""
 
+    wall: float = 0.0
+    cpu: float = 0.0
+    exits: int = 0
+
+    def __add__(self, other: Span) -> Span:
+        return Span(self.wall + other.wall, self.cpu + other.cpu, self.exits + other.exits)
+
+    def per_exit(self) -> tuple[float, float]:
+        return self.wall / self.exits, self.cpu / self.exits
+
+
+class MarkedProcess:
+    """A process whose guest writes a byte to stdout every PER_MARK exits, run and timed
+    in slices between SIGSTOPs (the module docstring says how)."""
+
+    def __init__(self, name: str, argv: list[str]) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT)
+        assert self.proc.stdout is not None
+        self._fd = self.proc.stdout.fileno()
+        self._read()  # start-up done, the loop running
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def _read(self) -> tuple[int, float, float]:
+        """Wait for marks: (how many came in this read, wall clock, process CPU then)."""
+        if not select.select([self._fd], [], [], MARK_TIMEOUT)[0]:
+            raise SystemExit(f"{self.name}: no exit mark for {MARK_TIMEOUT:.0f} s")
+        data = os.read(self._fd, 4096)
+        wall = time.perf_counter()
+        if not data:
+            raise SystemExit(f"{self.name} ended early (exit status {self.proc.wait()})")
+        return len(data), wall, _process_cpu(self.proc.pid)
+
+    def run_slice(self, marks: int) -> Span:
+        """Let the process run until ``marks`` marks after the one that starts the clock."""
+        os.kill(self.proc.pid, signal.SIGCONT)
+        try:
+            self._read()  # may hold a mark written before the stop
+            start: tuple[float, float] | None = None
+            counted = 0
+            while True:
+                n, wall, cpu = self._read()
+                if start is None:
+                    if n == 1:
+                        start = wall, cpu
+                    continue
+                counted += n
+                if counted >= marks and n == 1:
+                    return Span(wall - start[0], cpu - start[1], counted * PER_MARK)
+        finally:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+LABELS = {"c": "C floor (kvm_exit_floor.c, real mode)", "py": "Python floor (bench/pyfloor.py)",
+          "cli": "trivmm CLI -> CMOS RTC, port 0x70", "api": "trivmm API -> null device, port 0x12"}  # fmt: skip
+
+
+def measure_exits(n: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """Per round and way (LABELS' keys), (wall, CPU) seconds per exit over ``n`` exits."""
     if not FLOOR_SOURCE.exists():
         raise SystemExit(f"no {FLOOR_SOURCE}: set TRIVMM_EXIT_FLOOR_C")
-    with tempfile.TemporaryDirectory() as tmp:
-        floor_binary = Path(tmp) / "kvm_exit_floor"
+    marks_per_slice = n // (SLICES * PER_MARK)
+    results: dict[str, list[tuple[float, float]]] = {key: [] for key in LABELS}
+    with tempfile.TemporaryDirectory() as tmp_name, contextlib.ExitStack() as stack:
+        tmp = Path(tmp_name)
+        floor_binary = tmp / "kvm_exit_floor"
         subprocess.run([shutil.which("cc") or "gcc", "-O2", "-o", str(floor_binary), str(FLOOR_SOURCE)], check=True)
-        guest = assemble("exits", Path(tmp), symbols={"count": exits})
-        floor_wall, floor_cpu, vmm_wall, vmm_cpu = [], [], [], []
-        run_trivmm(guest, 1000)  # warm-up: imports, page faults
+        endless = str(assemble_marks_guest(tmp, RTC_INDEX_PORT, ENDLESS))
+        api_guest = assemble_marks_guest(tmp, NULL_PORT, n // PER_MARK)
+        run_trivmm(assemble_marks_guest(tmp, NULL_PORT, 1), PER_MARK)  # warm-up: imports, page faults
+        pyfloor = MarkedProcess("python floor", [sys.executable, "-m", "bench.pyfloor", endless, str(ENDLESS),
+                                                 str(PER_MARK)])  # fmt: skip
+        stack.callback(pyfloor.close)
+        cli = MarkedProcess("trivmm CLI", [sys.executable, "-m", "trivmm", "run", "--kernel", endless])
+        stack.callback(cli.close)
         for _ in range(rounds):
-            w, c = run_floor(floor_binary, exits)
-            floor_wall.append(w)
-            floor_cpu.append(c)
-            w, c = run_trivmm(guest, exits)
-            vmm_wall.append(w)
-            vmm_cpu.append(c)
-    fw, fc = statistics.median(floor_wall), statistics.median(floor_cpu)
-    vw, vc = statistics.median(vmm_wall), statistics.median(vmm_cpu)
-    # Each round runs the two back to back; the host's noise moves both, so the ratio is
-    # taken per round and its median reported, with the spread.
-    ratios = sorted(v / f for v, f in zip(vmm_wall, floor_wall, strict=True))
-    extra = sorted((v - f) * 1e6 for v, f in zip(vmm_cpu, floor_cpu, strict=True))
-    print(f"PIO exit, {exits} exits x {rounds} rounds (medians)")
-    print(f"  C floor        wall {fw * 1e6:6.2f} us/exit   process CPU {fc * 1e6:6.2f} us/exit")
-    print(f"  trivmm bus     wall {vw * 1e6:6.2f} us/exit   process CPU {vc * 1e6:6.2f} us/exit")
-    print(f"  ratio trivmm/floor (wall), per round  median {statistics.median(ratios):5.3f}  "
-          f"range {ratios[0]:.3f}..{ratios[-1]:.3f}   (target <= 1.15)")
-    print(f"  VMM CPU beyond the floor, per round   median {statistics.median(extra):5.2f} us/exit  "
-          f"range {extra[0]:.2f}..{extra[-1]:.2f}   (target <= 3)")
+            results["c"].append(run_floor(floor_binary, n))
+            spans = {"py": Span(), "cli": Span()}
+            for i in range(SLICES):  # py, cli, cli, py, py, cli...: neither always goes first
+                for key, proc in ((("py", pyfloor), ("cli", cli)) if i % 2 == 0 else (("cli", cli), ("py", pyfloor))):
+                    spans[key] += proc.run_slice(marks_per_slice)
+            results["py"].append(spans["py"].per_exit())
+            results["cli"].append(spans["cli"].per_exit())
+            results["api"].append(run_trivmm(api_guest, n))
+    return results
+
+
+def _summary(values: list[float]) -> str:
+    ordered = sorted(v * 1e6 for v in values)
+    return f"{statistics.median(ordered):6.2f} [{ordered[0]:6.2f}..{ordered[-1]:6.2f}]"
+
+
+def _ratio_line(label: str, num: list[float], den: list[float], note: str = "") -> str:
+    ratios = sorted(a / b for a, b in zip(num, den, strict=True))
+    return f"    {label:<28} median {statistics.median(ratios):5.3f}  range {ratios[0]:.3f}..{ratios[-1]:.3f}{note}"
+
+
+def bench_exits(exits: int, rounds: int) -> None:
+    marks_per_slice = min(max(1, round(exits / (SLICES * PER_MARK))), MAX_EXITS // (SLICES * PER_MARK))
+    n = SLICES * marks_per_slice * PER_MARK
+    results = measure_exits(n, rounds)
+    walls = {key: [wall for wall, _ in rows] for key, rows in results.items()}
+    cpus = {key: [cpu for _, cpu in rows] for key, rows in results.items()}
+    print(f"PIO exit, {n} exits per way per round x {rounds} rounds; per exit, median [min..max] over rounds")
+    print("                                               wall us/exit             process CPU us/exit")
+    for key, label in LABELS.items():
+        print(f"  {label:<40} {_summary(walls[key])}   {_summary(cpus[key])}")
+    for kind, table in (("wall", walls), ("process CPU", cpus)):
+        print(f"  ratios per round ({kind}):")
+        target = "   (target <= 1.10)" if kind == "wall" else ""
+        print(_ratio_line("trivmm CLI / Python floor", table["cli"], table["py"], target))
+        print(_ratio_line("Python floor / C floor", table["py"], table["c"]))
+        print(_ratio_line("trivmm API / C floor", table["api"], table["c"]))
+    extra = sorted((a - c) * 1e6 for a, c in zip(cpus["api"], cpus["c"], strict=True))
+    print(f"  trivmm API CPU beyond the C floor's, per round  median {statistics.median(extra):5.2f} us/exit  "
+          f"range {extra[0]:.2f}..{extra[-1]:.2f}")
 
 
 def _first_byte_seconds(argv: list[str]) -> float:
@@ -168,8 +319,11 @@ def bench_linux(vcpus: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--exits", type=int, default=60000, help="exits per round (1..65535; default 60000)")
-    parser.add_argument("--rounds", type=int, default=5)
+    unit = SLICES * PER_MARK
+    parser.add_argument("--exits", type=int, default=61440,
+                        help=f"exits per way per round, rounded to a multiple of {unit}, at most "
+                             f"{unit * (MAX_EXITS // unit)} (default 61440)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--linux", action="store_true", help="also time the small Linux guest's boot")
     args = parser.parse_args()
     print(f"trivmm benchmarks on {os.uname().nodename}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")

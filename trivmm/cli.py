@@ -1,8 +1,13 @@
 """``python -m trivmm``: run a VM, build test guests.
 
 Exit status of ``run``: 0 when the guest powers off or resets, 1 when the VM fails, 2 for
-bad input (a missing file, a kernel that is not one, a bad size), 130 on Ctrl-C. Errors are
-one line on stderr; ``--debug`` shows tracebacks.
+bad input (a missing file, a kernel that is not one, a bad size), 3 when the guest kernel
+panicked (it said so through the pvpanic device), 130 on Ctrl-C. Errors are one line on
+stderr; ``--debug`` shows tracebacks.
+
+The guest's console goes to stdout through the VM's bounded console buffer and a worker
+thread: a stalled stdout never stops a vCPU; output it could not take is counted and
+reported on stderr when the VM ends.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import select
 import stat
 import sys
 import termios
@@ -19,7 +25,7 @@ import trio
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_VM_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_VM_FAILED, EXIT_BAD_INPUT, EXIT_GUEST_PANIC, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Boot a guest. The guest's serial console is on stdout and stdin feeds its "
         "serial port. Without --kernel, a tiny built-in guest prints a greeting and powers off. "
         "Exit status: 0 when the guest powers off or resets, 1 when the VM fails, 2 for bad "
-        "input, 130 on Ctrl-C.",
+        "input, 3 when the guest kernel panicked, 130 on Ctrl-C.",
     )
     run.add_argument("--kernel", metavar="PATH", help="bzImage or ELF vmlinux (default: the built-in guest)")
     run.add_argument("--initrd", metavar="PATH", help="initramfs image")
@@ -88,21 +94,35 @@ def _guest_terminal(fd: int) -> Iterator[None]:
 
 
 def _write_stdout(data: bytes) -> None:
+    """Write all of ``data`` to fd 1 (on the VM's console worker thread: blocking is fine).
+    stdout may share its open file with stdin, which the input stream made non-blocking:
+    then wait until it takes more rather than giving up."""
     view = memoryview(data)
     while view:
-        written = os.write(1, view)
+        try:
+            written = os.write(1, view)
+        except BlockingIOError:
+            select.select([], [1], [])
+            continue
         view = view[written:]
 
 
 def _run(args: argparse.Namespace) -> int:
     from trivmm.config import VmConfig
+    from trivmm.vcpu import StopReason
     from trivmm.vm import VM
 
     config = VmConfig(kernel=args.kernel, initrd=args.initrd, append=args.append, memory=args.memory,
                       vcpus=args.vcpus, cpu_template=args.cpu_template, boot_protocol=args.boot_protocol)  # fmt: skip
     async def main() -> int:
         with VM(config, console_output=_write_stdout, console_input=_stdin_stream()) as vm:
-            await vm.run()
+            result = await vm.run()
+        if result.console_dropped:
+            print(f"trivmm: {result.console_dropped} bytes of console output were dropped "
+                  "(stdout did not keep up)", file=sys.stderr)  # fmt: skip
+        if result.reason is StopReason.PANIC:
+            print("trivmm: the guest kernel panicked (its console output above says why)", file=sys.stderr)
+            return EXIT_GUEST_PANIC
         return EXIT_OK
 
     with _guest_terminal(0):

@@ -7,19 +7,22 @@ or past 2**64, and ranges that straddle two regions are all ``GuestMemoryError``
 are zero-copy ``memoryview`` slices of the mapping.
 
 Writes made by the VMM itself (device backends, the loader) do not appear in KVM's dirty
-log, so each region keeps its own bitmap of pages the VMM wrote; migration ORs the two.
+log, so each region keeps its own per-page record of what the VMM wrote
+(``take_vmm_dirty``), for whoever needs to know every written page (migration will).
+
+This module knows nothing of KVM: a region's ``host_address`` is what a hypervisor needs to
+map it, taken with ctypes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import mmap
 import struct
 from collections.abc import Iterable, Iterator
 
 import attrs
-
-from trivmm.kvm._ffi import ffi
 
 __all__ = ["GuestMemory", "MemoryRegion", "GuestMemoryError", "PAGE_SIZE"]
 
@@ -52,8 +55,7 @@ class MemoryRegion:
             raise GuestMemoryError(f"region {guest_base:#x}+{size:#x} overflows the address space")
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
         mapping = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        address = int(ffi.cast("uintptr_t", ffi.from_buffer(mapping)))
-        return cls(guest_base, size, mapping, address, bytearray(size // PAGE_SIZE))
+        return cls(guest_base, size, mapping, _mapping_address(mapping), bytearray(size // PAGE_SIZE))
 
     @property
     def guest_end(self) -> int:
@@ -62,6 +64,15 @@ class MemoryRegion:
     @property
     def pages(self) -> int:
         return self.size // PAGE_SIZE
+
+
+def _mapping_address(mapping: mmap.mmap) -> int:
+    """The host virtual address of ``mapping``'s first byte (the buffer export ends at once)."""
+    anchor = ctypes.c_char.from_buffer(mapping)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
 
 
 class GuestMemory:
@@ -138,7 +149,11 @@ class GuestMemory:
         self.view(gpa, len(data), write=True)[:] = data
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
-        self.view(gpa, length, write=True)[:] = bytes([byte]) * length
+        view = self.view(gpa, length, write=True)  # bounds first: a bad length allocates nothing
+        chunk = bytes([byte]) * min(length, 1 << 20)
+        for start in range(0, length, len(chunk) or 1):
+            end = min(start + len(chunk), length)
+            view[start:end] = chunk[: end - start]
 
     def read_u16(self, gpa: int) -> int:
         return int(_U16.unpack(self.view(gpa, 2))[0])

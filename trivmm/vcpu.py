@@ -5,7 +5,12 @@ on this thread, without a round trip through the event loop: that keeps a regist
 close to the cost of the exit itself. Everything else the loop meets is rarer and handled
 in ``_handle_exit``.
 
-Control (pause, resume, stop, quirk refresh) is a request flag plus a kick: the requester
+Host quirks are not this loop's business: the CPU template's ``VcpuHooks``
+(``trivmm.cpu.hooks``) get the exits a host KVM leaves to the VMM (emulation failures, debug
+exits) and a refresh, and say whether they handled them. With no hooks (stock KVM), an
+emulation failure stops the VM naming RIP and the instruction's bytes.
+
+Control (pause, resume, stop, hook refresh) is a request flag plus a kick: the requester
 sets ``kvm_run.immediate_exit`` and signals the thread, so a vCPU inside KVM_RUN leaves it
 with EINTR and one about to enter returns at once; the loop looks at the flag before every
 KVM_RUN. Pausing parks the thread on a condition variable until resumed or stopped.
@@ -23,14 +28,14 @@ from typing import Any
 
 from trivmm._threads import kick_thread
 from trivmm.bus import AddressSpace
-from trivmm.cpu.fallback import EmulationFallback, GuestView, SyscallCompleter, UnhandledInstruction
+from trivmm.cpu.hooks import UnhandledInstruction, VcpuHooks, failed_instruction
 from trivmm.errors import VcpuError
 from trivmm.kvm._ffi import IOCTLS, ffi, ioctl_fixed
 from trivmm.kvm.constants import ExitReason, InternalError, SystemEvent
 from trivmm.kvm.vcpu import Vcpu
 from trivmm.memory import GuestMemory
 
-__all__ = ["VcpuRunner", "StopReason", "Quirks"]
+__all__ = ["VcpuRunner", "StopReason"]
 
 _KVM_RUN = IOCTLS["KVM_RUN"]
 _EXIT_IO, _EXIT_MMIO = int(ExitReason.IO), int(ExitReason.MMIO)
@@ -39,21 +44,16 @@ _EXIT_IO, _EXIT_MMIO = int(ExitReason.IO), int(ExitReason.MMIO)
 _RUN_EXIT_IO = struct.Struct("<I20xBBHIQ")
 _RUN_MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write at offset 32
 _MMIO_DATA_OFFSET = 40
-_ARM_CHECK_INTERVAL = 0.001
+_HOOK_REFRESH_INTERVAL = 0.001  # at exits, while the hooks are unsettled
 
 
 class StopReason(enum.Enum):
+    """Why a guest ended: it powered off, reset, halted, or reported a kernel panic."""
+
     POWER_OFF = "poweroff"
     RESET = "reset"
     HALT = "halt"
-
-
-class Quirks:
-    """Which parts of the host-quirk fallback a VM uses (``trivmm.cpu.fallback``)."""
-
-    def __init__(self, emulation_fallback: bool = True, complete_syscalls: bool = False) -> None:
-        self.emulation_fallback = emulation_fallback
-        self.complete_syscalls = complete_syscalls
+    PANIC = "panic"
 
 
 class _Request(enum.Enum):
@@ -72,7 +72,7 @@ class VcpuRunner:
         mmio: AddressSpace,
         guest_stopped: Callable[[StopReason], None],
         paused_changed: Callable[[int, bool], None],
-        quirks: Quirks,
+        hooks: VcpuHooks | None = None,
     ) -> None:
         self.vcpu = vcpu
         self.index = vcpu.index
@@ -81,19 +81,15 @@ class VcpuRunner:
         self._mmio = mmio
         self._guest_stopped = guest_stopped
         self._paused_changed = paused_changed
-        self._quirks = quirks
-        view = GuestView(vcpu, memory)
-        self.fallback = EmulationFallback(view)
-        self.syscalls = SyscallCompleter(view) if quirks.complete_syscalls else None
+        self.hooks = hooks if hooks is not None else VcpuHooks()
         self._cond = threading.Condition()
         self._request: _Request | None = None
         self._refresh = False
-        # Until the SYSCALL breakpoint is armed, look again at the next exit once a
-        # millisecond has passed: a guest may set LSTAR and make its first system call
-        # between two periodic refreshes. (Looking costs ioctls; every exit would double
-        # the cost of an exit.)
-        self._arm_on_exit = self.syscalls is not None
-        self._next_arm_check = 0.0
+        # While the hooks are unsettled (e.g. a breakpoint they need is not armed yet),
+        # refresh them at an exit too, at most once a millisecond and only on every 64th
+        # exit: guest state they follow may change between two periodic refreshes, and a
+        # refresh costs ioctls (every exit would double the cost of an exit).
+        self._next_hook_refresh = 0.0
         self._ident: int | None = None
         self.exits = 0
 
@@ -105,6 +101,12 @@ class VcpuRunner:
                 run.immediate_exit = 1
             if self._ident is not None:
                 kick_thread(self._ident)
+
+    def close_vcpu(self) -> None:
+        """Close the vCPU fd and unmap its run page, under the lock a kick takes: a kick
+        from another thread never writes to an unmapped page. The thread must be done."""
+        with self._cond:
+            self.vcpu.close()
 
     def request_stop(self) -> None:
         with self._cond:
@@ -125,7 +127,7 @@ class VcpuRunner:
                 self._cond.notify_all()
 
     def request_refresh(self) -> None:
-        """Ask the thread to re-check host-quirk hooks (the SYSCALL breakpoint)."""
+        """Ask the thread to refresh its host-quirk hooks (``VcpuHooks.refresh``)."""
         self._refresh = True
         self._kick()
 
@@ -137,7 +139,7 @@ class VcpuRunner:
             self._loop()
         except VcpuError:
             raise
-        except Exception as exc:  # a device model or the fallback failed: the VM's error
+        except Exception as exc:  # a device model or a hook failed: the VM's error
             detail = str(exc) if isinstance(exc, (UnhandledInstruction, OSError)) else f"{type(exc).__name__}: {exc}"
             raise VcpuError(self.index, detail) from exc
         finally:
@@ -177,7 +179,8 @@ class VcpuRunner:
         # size there rather than slicing a new memoryview on every exit.
         io_offset = -1
         io_views: list[memoryview] = []
-        arm_pending = self._arm_on_exit
+        hooks = self.hooks
+        refresh_at_exits = not hooks.settled
         # Requests are not polled here: every request comes with a kick, which leaves
         # immediate_exit set until the EINTR branch below clears it and then looks. A
         # request made after that look sets immediate_exit again, so the next KVM_RUN
@@ -195,14 +198,14 @@ class VcpuRunner:
                         return
                     if self._refresh:
                         self._refresh = False
-                        self._refresh_syscall_hook()
-                        arm_pending = self._arm_on_exit
+                        hooks.refresh()
+                        refresh_at_exits = not hooks.settled
                     continue
                 exits += 1
-                if arm_pending and exits & 63 == 1 and monotonic() >= self._next_arm_check:
-                    self._refresh_syscall_hook()
-                    arm_pending = self._arm_on_exit
-                    self._next_arm_check = monotonic() + _ARM_CHECK_INTERVAL
+                if refresh_at_exits and exits & 63 == 1 and monotonic() >= self._next_hook_refresh:
+                    hooks.refresh()
+                    refresh_at_exits = not hooks.settled
+                    self._next_hook_refresh = monotonic() + _HOOK_REFRESH_INTERVAL
                 reason, direction, size, port, count, offset = unpack_exit(page, 8)
                 if reason == _EXIT_IO:
                     if count == 1:
@@ -248,11 +251,6 @@ class VcpuRunner:
                 held.release()
             view.release()
 
-    def _refresh_syscall_hook(self) -> None:
-        if self.syscalls is not None:
-            self.syscalls.refresh()
-            self._arm_on_exit = self.syscalls.armed_at is None
-
     def _handle_exit(self, reason: int) -> StopReason | None:
         run = self.vcpu.run
         if reason == ExitReason.HLT:
@@ -268,17 +266,15 @@ class VcpuRunner:
             raise VcpuError(self.index, f"guest crashed (KVM system event {kind})")
         if reason == ExitReason.INTERNAL_ERROR:
             suberror = run.internal.suberror
-            if suberror == InternalError.EMULATION and self._quirks.emulation_fallback:
-                self.fallback.handle(run)
-                return None
             if suberror == InternalError.EMULATION:
-                rip = self.vcpu.get_regs().rip
-                code = self.fallback.instruction_bytes(run, rip)
-                raise UnhandledInstruction(self.index, rip, code, "the emulation fallback is off")
+                if self.hooks.on_emulation_failure(run):
+                    return None
+                rip, code = failed_instruction(self.vcpu, self._memory, run)
+                raise UnhandledInstruction(self.index, rip, code, "no host-quirk hook of this CPU template emulates it")
             data = [hex(run.internal.data[i]) for i in range(min(run.internal.ndata, 16))]
             raise VcpuError(self.index, f"KVM internal error {suberror} (data {', '.join(data)})")
         if reason == ExitReason.DEBUG:
-            if self.syscalls is not None and self.syscalls.on_debug_exit(run):
+            if self.hooks.on_debug_exit(run):
                 return None
             raise VcpuError(self.index, f"unexpected debug exit at {run.debug.arch.pc:#x}")
         if reason == ExitReason.FAIL_ENTRY:

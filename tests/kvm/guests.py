@@ -5,12 +5,16 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from tests.conftest import require
+
 GUESTS = Path(__file__).parent / "guests"
 
 
 def assemble(name: str, out_dir: Path, *, symbols: dict[str, int] | None = None) -> Path:
     """Build guests/<name>.S into an ELF in ``out_dir``; ``symbols`` are patched afterwards
-    (value written as a 32-bit word at each named symbol's file offset)."""
+    (value written as a 32-bit word at each named symbol's file offset). Without GNU binutils
+    the calling test skips, or fails in strict mode (tests/conftest.py)."""
+    require("binutils")
     obj = out_dir / f"{name}.o"
     elf = out_dir / f"{name}.elf"
     subprocess.run(["as", "--64", "-I", str(GUESTS), "-o", str(obj), str(GUESTS / f"{name}.S")], check=True)

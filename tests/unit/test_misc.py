@@ -105,13 +105,10 @@ def test_cli_bad_input_is_one_line_and_status_2(tmp_path) -> None:  # type: igno
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.kvm
 def test_a_missing_capability_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
     from trivmm.kvm import Cap, Kvm, MissingCapability
 
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        pytest.skip("/dev/kvm is not available")
     with Kvm() as kvm:
         monkeypatch.setattr(Kvm, "check_extension", lambda self, cap: 0 if cap is Cap.IRQFD else 1)
         with pytest.raises(MissingCapability, match="KVM_CAP_IRQFD"):

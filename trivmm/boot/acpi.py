@@ -2,8 +2,9 @@
 
 The FADT describes PIIX4-like fixed hardware at PIO 0x600 (``trivmm.devices.acpi_pm``):
 PM1a event and control blocks and a reset register, no SMI command port (the platform is
-born in ACPI mode). The DSDT holds one object, ``\\_S5`` = {5, 5, 0, 0}, which is what a
-kernel needs to power off through PM1a control. The MADT lists one enabled local APIC per
+born in ACPI mode). The DSDT holds ``\\_S5`` = {5, 5, 0, 0}, which is what a kernel needs
+to power off through PM1a control, and the devices a guest finds only through ACPI: the
+pvpanic device (``\\_SB.PEVT``, ``QEMU0001``, its port in ``_CRS``). The MADT lists one enabled local APIC per
 vCPU and the IOAPIC; ISA IRQs map to GSIs one-to-one (no overrides), as KVM routes them.
 """
 
@@ -21,8 +22,9 @@ from trivmm.devices.acpi_pm import (
     RESET_VALUE,
     S5_SLEEP_TYPE,
 )
+from trivmm.devices.pvpanic import PVPANIC_HID, PVPANIC_PORT
 
-__all__ = ["AcpiTables", "build_acpi_tables", "SCI_IRQ"]
+__all__ = ["AcpiTables", "SCI_IRQ", "aml_package_length"]
 
 SCI_IRQ = 9
 _OEM_ID = b"TRIVMM"
@@ -55,6 +57,59 @@ def _table(signature: bytes, revision: int, body: bytes) -> bytes:
 
 def _gas(address: int, bit_width: int, access_size: int) -> bytes:
     return struct.pack("<BBBBQ", _GAS_SYSTEM_IO, bit_width, 0, access_size, address)
+
+
+# AML opcodes (ACPI 6.5, chapter 20).
+_AML_NAME, _AML_SCOPE, _AML_BUFFER, _AML_BYTE, _AML_STRING = 0x08, 0x10, 0x11, 0x0A, 0x0D
+_AML_DEVICE = b"\x5b\x82"
+_AML_ROOT = b"\\"
+# Resource descriptors (ACPI 6.5, 6.4): small I/O port, 16-bit decode; end tag.
+_RES_IO, _RES_IO_DECODE16, _RES_END = 0x47, 0x01, 0x79
+
+
+def aml_package_length(body_length: int) -> bytes:
+    """The PkgLength encoding for a package whose contents after PkgLength are
+    ``body_length`` bytes (the encoded length counts its own bytes too)."""
+    for extra in range(4):
+        total = body_length + 1 + extra
+        if extra == 0 and total < 0x40:
+            return bytes([total])
+        if extra and total < 1 << (4 + 8 * extra):
+            return bytes([(extra << 6) | (total & 0xF)]) + (total >> 4).to_bytes(extra, "little")
+    raise ValueError(f"AML package of {body_length} bytes is too large")
+
+
+def _aml_name(name: bytes, value: bytes) -> bytes:
+    return bytes([_AML_NAME]) + name + value
+
+
+def _aml_string(text: str) -> bytes:
+    return bytes([_AML_STRING]) + text.encode("ascii") + b"\0"
+
+
+def _aml_buffer(data: bytes) -> bytes:
+    size = bytes([_AML_BYTE, len(data)])
+    return bytes([_AML_BUFFER]) + aml_package_length(len(size) + len(data)) + size + data
+
+
+def _aml_device(name: bytes, body: bytes) -> bytes:
+    return _AML_DEVICE + aml_package_length(len(name) + len(body)) + name + body
+
+
+def _aml_scope(path: bytes, body: bytes) -> bytes:
+    return bytes([_AML_SCOPE]) + aml_package_length(len(path) + len(body)) + path + body
+
+
+def _io_resources(port: int, length: int) -> bytes:
+    """A ResourceTemplate with one fixed I/O range."""
+    io = bytes([_RES_IO, _RES_IO_DECODE16]) + struct.pack("<HHBB", port, port, 1, length)
+    return io + bytes([_RES_END, 0])
+
+
+def _aml_pvpanic() -> bytes:
+    body = _aml_name(b"_HID", _aml_string(PVPANIC_HID))
+    body += _aml_name(b"_CRS", _aml_buffer(_io_resources(PVPANIC_PORT, 1)))
+    return _aml_scope(_AML_ROOT + b"_SB_", _aml_device(b"PEVT", body))
 
 
 def _aml_s5() -> bytes:
@@ -114,7 +169,7 @@ class AcpiTables:
             cursor = at + len(blob)
             return at
 
-        dsdt = place(_table(b"DSDT", 2, _aml_s5()))
+        dsdt = place(_table(b"DSDT", 2, _aml_s5() + _aml_pvpanic()))
         fadt = place(_fadt(dsdt))
         madt = place(_madt(vcpus))
         xsdt = place(_table(b"XSDT", 1, struct.pack("<QQ", fadt, madt)))
@@ -125,6 +180,3 @@ class AcpiTables:
         if cursor > HIMEM_START or (address < BIOS_START and cursor > BIOS_START):
             raise ValueError("ACPI tables do not fit their area")
 
-
-def build_acpi_tables(vcpus: int) -> AcpiTables:
-    return AcpiTables(vcpus)

@@ -3,23 +3,24 @@
 ``SetupHeader.parse`` validates a bzImage before a byte of it reaches guest memory: the
 0xAA55 boot flag, the "HdrS" magic, a protocol version with a 64-bit entry (2.12+,
 XLF_KERNEL_64), and a setup size and payload that lie inside the file. The header is
-untrusted input: every failure is a ``KernelImageError`` that says what is wrong.
+untrusted input: every failure is a ``KernelImageError`` that says what is wrong -- also
+from ``extract_vmlinux`` for a payload that is corrupt, cut short or unpacks to more than
+``MAX_VMLINUX_SIZE``.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
 import lzma
 import shutil
 import struct
 import subprocess
+import zlib
 
 import attrs
 
 from trivmm.errors import ConfigError
 
-__all__ = ["KernelImageError", "SetupHeader", "extract_vmlinux"]
+__all__ = ["KernelImageError", "MAX_VMLINUX_SIZE", "SetupHeader", "extract_vmlinux"]
 
 # Offsets (in the file and in boot_params) of the setup header fields we use.
 _SETUP_SECTS = 0x1F1
@@ -40,6 +41,8 @@ _HDRS = 0x5372_6448  # "HdrS"
 _LOADED_HIGH = 0x01
 _XLF_KERNEL_64 = 0x01
 _MIN_VERSION = 0x020C  # 2.12: xloadflags, 64-bit entry at +0x200
+_GZIP_WBITS = 16 + zlib.MAX_WBITS  # zlib with gzip framing
+MAX_VMLINUX_SIZE = 1 << 30  # an unpacked payload larger than this is refused, not unpacked
 
 
 class KernelImageError(ConfigError):
@@ -117,15 +120,30 @@ def _decompress_with(tool: str, data: bytes) -> bytes:
     return proc.stdout
 
 
+def _unpack_in_process(kind: str, payload: bytes) -> bytes:
+    """Unpack one gzip or xz stream (the kernel appends its size after it), at most
+    ``MAX_VMLINUX_SIZE`` bytes of it."""
+    unpacker = zlib.decompressobj(_GZIP_WBITS) if kind == "gzip" else lzma.LZMADecompressor()
+    try:
+        data = unpacker.decompress(payload, MAX_VMLINUX_SIZE + 1)
+    except (zlib.error, lzma.LZMAError) as exc:
+        raise KernelImageError(f"{kind} payload is corrupt: {exc}") from None
+    if len(data) > MAX_VMLINUX_SIZE:
+        raise KernelImageError(f"{kind} payload unpacks to more than {MAX_VMLINUX_SIZE >> 20} MiB")
+    if not unpacker.eof:
+        raise KernelImageError(f"{kind} payload is cut short (truncated image?)")
+    return data
+
+
 def extract_vmlinux(image: bytes) -> bytes:
     """Return the uncompressed vmlinux ELF inside a bzImage (gzip, xz, lz4 or zstd)."""
     header = SetupHeader.parse(image)
     start = header.setup_size + header.payload_offset
     payload = image[start : start + header.payload_length]
     if payload[:2] == b"\x1f\x8b":
-        data = gzip.GzipFile(fileobj=io.BytesIO(payload)).read()
+        data = _unpack_in_process("gzip", payload)
     elif payload[:6] == b"\xfd7zXZ\x00":
-        data = lzma.LZMADecompressor().decompress(payload)
+        data = _unpack_in_process("xz", payload)
     elif payload[:4] == b"\x02\x21\x4c\x18":
         data = _decompress_with("lz4", payload)
     elif payload[:4] == b"\x28\xb5\x2f\xfd":

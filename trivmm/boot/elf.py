@@ -1,8 +1,10 @@
 """ELF64 kernel images (``vmlinux``): loadable segments and the PVH entry note.
 
 The file is untrusted: the header, the program-header table, each segment and each note
-must lie inside the file, and segment sizes must be sane (``filesz <= memsz``); anything
-else is a ``KernelImageError``. Placement in guest memory is checked by ``GuestMemory``.
+must lie inside the file, segment sizes must be sane (``filesz <= memsz``), and the
+loadable segments together, like the note segments together, may not cover more bytes
+than the file has (overlapping copies would multiply the work a small file causes);
+anything else is a ``KernelImageError``. Placement in guest memory is the loader's check.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class ElfImage:
             raise KernelImageError("ELF program header table is missing or runs past the file")
         segments: list[ElfSegment] = []
         pvh_entry = None
+        load_bytes = note_bytes = 0
         for i in range(phnum):
             p_type, _, offset, _, paddr, filesz, memsz, _ = _PHDR.unpack_from(image, phoff + i * phentsize)
             if offset + filesz > len(image):
@@ -64,8 +67,14 @@ class ElfImage:
             if p_type == _PT_LOAD and memsz:
                 if filesz > memsz:
                     raise KernelImageError(f"ELF segment {i} has filesz > memsz")
+                load_bytes += filesz
+                if load_bytes > len(image):
+                    raise KernelImageError(f"ELF loadable segments overlap in the file (segment {i})")
                 segments.append(ElfSegment(paddr, image[offset : offset + filesz], memsz))
             elif p_type == _PT_NOTE:
+                note_bytes += filesz
+                if note_bytes > len(image):
+                    raise KernelImageError(f"ELF note segments overlap in the file (segment {i})")
                 pvh_entry = _find_pvh_note(image[offset : offset + filesz]) or pvh_entry
         if not segments:
             raise KernelImageError("ELF file has no loadable segment")

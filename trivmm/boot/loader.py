@@ -45,6 +45,8 @@ _BOOT_PROTOCOL_VERSION = 0x020F
 _LOADER_TYPE_UNDEFINED = 0xFF
 _HVM_START_MAGIC = 0x336E_C578
 _E820_MAX = 128
+_ZERO_CHUNK = 1 << 20  # zero a segment's bss this much at a time: no buffer as large as the bss
+_PVH_ENTRY_LIMIT = 1 << 32  # the PVH entry runs in 32-bit protected mode
 
 
 class BootProtocol(enum.Enum):
@@ -70,6 +72,31 @@ def _write(memory: GuestMemory, address: int, data: bytes, what: str) -> None:
         raise KernelImageError(
             f"{what} ({len(data)} bytes at {address:#x}) does not fit in {memory.size >> 20} MiB of guest memory"
         ) from None
+
+
+def _check_segments_fit(memory: GuestMemory, elf: ElfImage) -> None:
+    """Refuse, before anything is written or allocated, segments that do not fit in guest RAM."""
+    total = 0
+    for segment in elf.segments:
+        if segment.paddr < layout.HIMEM_START:
+            raise KernelImageError(f"ELF segment at {segment.paddr:#x} is below 1 MiB")
+        if not memory.contains(segment.paddr, segment.memsz):
+            raise KernelImageError(f"ELF segment of {segment.memsz:#x} bytes at {segment.paddr:#x} does not fit "
+                                   f"in {memory.size >> 20} MiB of guest memory")  # fmt: skip
+        total += segment.memsz
+    if total > memory.size:
+        raise KernelImageError(f"ELF segments need {total:#x} bytes together; the guest has {memory.size >> 20} MiB")
+
+
+def _load_segments(memory: GuestMemory, elf: ElfImage) -> None:
+    """Copy each segment's file bytes; zero the rest up to its memsz, a bounded chunk at a time."""
+    for segment in elf.segments:
+        memory.write(segment.paddr, segment.data)
+        address, end = segment.paddr + len(segment.data), segment.paddr + segment.memsz
+        while address < end:
+            length = min(_ZERO_CHUNK, end - address)
+            memory.fill(address, length)
+            address += length
 
 
 def _write_page_tables(memory: GuestMemory) -> None:
@@ -183,6 +210,9 @@ def load_kernel(memory: GuestMemory, kernel: bytes, *, initrd: bytes | None = No
         if protocol == "pvh" and elf.pvh_entry is None:
             raise KernelImageError("kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")
         mode = BootProtocol.PVH if protocol != "linux64" and elf.pvh_entry is not None else BootProtocol.LINUX64
+        if mode is BootProtocol.PVH and elf.pvh_entry is not None and elf.pvh_entry >= _PVH_ENTRY_LIMIT:
+            raise KernelImageError(f"PVH entry {elf.pvh_entry:#x} is not a 32-bit address")
+        _check_segments_fit(memory, elf)
     else:
         try:
             header = SetupHeader.parse(kernel)
@@ -207,15 +237,7 @@ def load_kernel(memory: GuestMemory, kernel: bytes, *, initrd: bytes | None = No
     e820 = memory_map([(r.guest_base, r.size) for r in memory])
 
     if elf is not None:
-        for segment in elf.segments:
-            if segment.paddr < layout.HIMEM_START:
-                raise KernelImageError(f"ELF segment at {segment.paddr:#x} is below 1 MiB")
-            _write(memory, segment.paddr, segment.data, "kernel segment")
-            if segment.memsz > len(segment.data):
-                try:
-                    memory.fill(segment.paddr + len(segment.data), segment.memsz - len(segment.data))
-                except GuestMemoryError:
-                    raise KernelImageError("kernel's memory image does not fit in guest memory") from None
+        _load_segments(memory, elf)
         kernel_end = elf.end
         addr_max = _ELF_INITRD_ADDR_MAX
         entry = elf.pvh_entry if mode is BootProtocol.PVH else elf.entry

@@ -1,21 +1,24 @@
-"""A small fallback for what a host KVM gets wrong, as a table of handlers.
+"""The host-quirk fallback: guest work a host KVM could not finish, finished by the VMM.
 
 Two kinds of trouble reach a VMM from a host KVM that cannot run some guest code (the
-nested, PVM-style KVM in ../shared/notes/kvm-here.md; on stock KVM none of this triggers):
+nested, PVM-style KVM of ../shared/notes/kvm-here.md; docs/host-quirks.md). The CPU
+templates that need these parts plug them in (``trivmm.cpu.quirks``); on stock KVM none runs.
 
 1. ``KVM_EXIT_INTERNAL_ERROR`` / emulation failure at an instruction the host's emulator
-   does not know. ``EmulationFallback`` looks the instruction's bytes up in
-   ``INSTRUCTION_HANDLERS`` and, if it knows them, does what the CPU would have done:
-   INT3 at CPL0 delivers #BP through the guest's IDT; FWAIT is a no-op; CLAC/STAC flip
-   RFLAGS.AC. Anything else stops the VM with an ``UnhandledInstruction`` that names RIP
-   and the bytes.
+   does not know. ``EmulationFallback`` looks the opcode up in ``INSTRUCTION_HANDLERS`` and
+   does what the CPU would have done, faults included: it decodes by the CPU mode, checks
+   CPL and control bits, walks the guest's page tables with the access's permissions, and
+   injects #UD, #NM, #MF, #GP, #SS, #AC or #PF (with CR2) where the CPU would raise them.
+   What it cannot decode or emulate stops the VM with an ``UnhandledInstruction`` naming
+   RIP and the bytes.
 
-2. SYSCALL from guest user space that the host runs without switching to CPL0: the jump
+2. SYSCALL from guest user space, which the host runs without switching to CPL0: the jump
    to LSTAR then faults at once (#PF on a supervisor page, from CPL3). ``SyscallCompleter``
-   puts a hardware breakpoint on the guest's #PF handler; when it hits with a frame whose
-   RIP is LSTAR and whose CS is CPL3, it discards the fault and finishes the SYSCALL by hand
-   (CS/SS from STAR, RFLAGS masked by FMASK, RIP = LSTAR; RCX/R11 already hold what SYSCALL
-   saves). Any other page fault is let through by stepping over the breakpoint.
+   puts a hardware breakpoint on the guest's #PF handler; when it hits, it completes the
+   SYSCALL by hand only once the fault is proven to be one (``syscall_proof_failure``).
+   Anything else -- an ordinary page fault, a user process jumping to LSTAR with forged
+   RCX/R11 -- reaches the guest's handler as the genuine #PF it is. Debug exceptions that
+   are the guest's own are given back to it (``reflect_debug_exception``).
 
 Neither touches guest state unless it is sure; each says why when it gives up.
 """
@@ -24,267 +27,242 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 
-from trivmm.kvm.constants import EMULATION_FLAG_INSTRUCTION_BYTES, GuestDebug
+from trivmm.cpu.arch import (
+    CR0_AM,
+    CR0_EM,
+    CR0_MP,
+    CR0_NE,
+    CR0_TS,
+    CR4_OSFXSR,
+    DR6_B0,
+    DR6_B0_B3,
+    DR6_BS,
+    DR6_FIXED,
+    DR7_FIXED,
+    DR7_L0,
+    EFER_LMA,
+    EFER_SCE,
+    FSW_ES,
+    MXCSR_RESERVED,
+    PF_FETCH,
+    PF_PRESENT,
+    PF_USER,
+    RFLAGS_AC,
+    RFLAGS_FIXED,
+    RFLAGS_IF,
+    RFLAGS_IOPL,
+    RFLAGS_NT,
+    RFLAGS_RESERVED,
+    RFLAGS_RF,
+    RFLAGS_TF,
+    RFLAGS_VM,
+    Msr,
+    Vector,
+)
+from trivmm.cpu.decode import (
+    PREFIX_ADDRESS_SIZE,
+    PREFIX_LOCK,
+    CpuMode,
+    Undecodable,
+    check_operand_access,
+    cpu_mode,
+    decode_memory_operand,
+    decode_prefixes,
+)
+from trivmm.cpu.hooks import UnhandledInstruction, failed_instruction
+from trivmm.cpu.paging import (
+    SUPERVISOR_READ,
+    SUPERVISOR_WRITE,
+    Access,
+    AccessKind,
+    GuestFault,
+    GuestView,
+    PageFault,
+    Paging,
+)
+from trivmm.kvm.constants import GuestDebug
 from trivmm.kvm.vcpu import Vcpu
-from trivmm.memory import GuestMemory, GuestMemoryError
+from trivmm.memory import GuestMemoryError
 
-__all__ = ["UnhandledInstruction", "EmulationFallback", "SyscallCompleter", "GuestView",
-           "INSTRUCTION_HANDLERS", "describe_instruction"]  # fmt: skip
+__all__ = ["EmulationFallback", "SyscallCompleter", "INSTRUCTION_HANDLERS", "idt_gate", "inject_fault",
+           "reflect_debug_exception", "syscall_proof_failure", "FaultFrame"]  # fmt: skip
 
-_EFER_LMA = 0x400
-_RFLAGS_IF, _RFLAGS_TF, _RFLAGS_NT, _RFLAGS_RF, _RFLAGS_AC = 1 << 9, 1 << 8, 1 << 14, 1 << 16, 1 << 18
-_RFLAGS_FIXED = 0x2
-_MSR_STAR, _MSR_LSTAR, _MSR_FMASK = 0xC000_0081, 0xC000_0082, 0xC000_0084
-_MSR_FS_BASE, _MSR_GS_BASE = 0xC000_0100, 0xC000_0101
-_VECTOR_BP, _VECTOR_PF = 3, 14
-_DR7_L0 = 0x1
-_DR7_FIXED = 0x400
 _GATE_INTERRUPT = 0xE
-_PAGE = 0x1000
-
-# Names for the bytes the nested host is known to choke on, for error messages.
-_KNOWN_NAMES: dict[bytes, str] = {
-    b"\xf0\x48\x0f\xc7": "lock cmpxchg16b",
-    b"\x48\x0f\xc7": "cmpxchg16b",
-    b"\x48\x0f\xae": "xsave/xrstor family",
-    b"\x0f\xae": "ldmxcsr/stmxcsr/fxsave family (0f ae)",
-    b"\xf3\x0f\xb8": "popcnt",
-    b"\xf3\x48\x0f\xb8": "popcnt",
-    b"\x0f\x01\xca": "clac",
-    b"\x0f\x01\xcb": "stac",
-    b"\x66\x0f\x6e": "movd (SSE2)",
-    b"\x66\x44\x0f\x6e": "movd (SSE2)",
-    b"\x66\x45\x0f\x6e": "movd (SSE2)",
-    b"\x0f\x01\xd9": "vmmcall",
-    b"\x0f\x01\xc1": "vmcall",
-    b"\xcc": "int3",
-    b"\xcf": "iret",
-    b"\x48\xcf": "iretq",
-    b"\x9b": "fwait",
-}
+_U64 = (1 << 64) - 1
+_SYSCALL = b"\x0f\x05"
 
 
-def describe_instruction(code: bytes) -> str:
-    for prefix in sorted(_KNOWN_NAMES, key=len, reverse=True):
-        if code.startswith(prefix):
-            return _KNOWN_NAMES[prefix]
-    return "unknown instruction"
+def idt_gate(view: GuestView, sregs: Any, vector: int, paging: Paging | None = None) -> tuple[int, int, int, int]:
+    """(handler, selector, ist, type) of a 64-bit IDT gate; raises ``GuestMemoryError`` if absent."""
+    idt = sregs.idt
+    if vector * 16 + 15 > idt.limit:
+        raise GuestMemoryError(f"IDT (limit {idt.limit:#x}) has no gate {vector}")
+    try:
+        raw = view.read(idt.base + vector * 16, 16, SUPERVISOR_READ, paging, mark=False)
+    except GuestFault as fault:
+        raise GuestMemoryError(f"IDT gate {vector} is not readable: {fault}") from None
+    low, selector, ist, attr, mid, high = struct.unpack("<HHBBHI4x", raw)
+    if not attr & 0x80:
+        raise GuestMemoryError(f"IDT gate {vector} is not present")
+    return low | (mid << 16) | (high << 32), selector, ist & 7, attr & 0xF
 
 
-class UnhandledInstruction(Exception):
-    """The host could not run an instruction and neither could the fallback."""
+def inject_fault(vcpu: Vcpu, fault: GuestFault) -> None:
+    """Make the guest take ``fault`` at its current RIP, as the CPU would have."""
+    if isinstance(fault, PageFault):
+        vcpu.set_cr2(fault.address)
+    vcpu.inject_exception(fault.vector, fault.error_code)
 
-    def __init__(self, vcpu: int, rip: int, code: bytes, why: str) -> None:
-        super().__init__(
-            f"host KVM could not emulate the instruction at RIP {rip:#x} "
-            f"(bytes {code.hex(' ') or 'unavailable'}: {describe_instruction(code)}); {why}"
-        )
-        self.vcpu = vcpu
-        self.rip = rip
-        self.code = code
+
+# --- emulation failures -------------------------------------------------------------------
+
+
+class NotEmulated(Exception):
+    """The fallback will not do this; the VM stops with an ``UnhandledInstruction`` saying why."""
 
 
 @attrs.define
-class GuestView:
-    """Guest-virtual reads and writes through one vCPU's page tables (KVM_TRANSLATE)."""
+class _Instruction:
+    """One instruction the host could not emulate, and the vCPU state it runs against."""
 
-    vcpu: Vcpu
-    memory: GuestMemory
+    view: GuestView
+    name: str
+    rip: int
+    code: bytes
+    regs: Any
+    sregs: Any
+    mode: CpuMode
+    paging: Paging
 
-    def _physical(self, gva: int) -> int:
-        tr = self.vcpu.translate(gva)
-        if not tr.valid:
-            raise GuestMemoryError(f"guest virtual address {gva:#x} is not mapped")
-        return tr.physical_address
+    @property
+    def vcpu(self) -> Vcpu:
+        return self.view.vcpu
 
-    def read(self, gva: int, length: int) -> bytes:
-        out = bytearray()
-        while length:
-            chunk = min(length, _PAGE - (gva & (_PAGE - 1)))
-            out += self.memory.read(self._physical(gva), chunk)
-            gva, length = gva + chunk, length - chunk
-        return bytes(out)
+    @property
+    def cpl(self) -> int:
+        return int(self.sregs.cs.selector & 3)
 
-    def write(self, gva: int, data: bytes) -> None:
-        while data:
-            chunk = min(len(data), _PAGE - (gva & (_PAGE - 1)))
-            self.memory.write(self._physical(gva), data[:chunk])
-            gva, data = gva + chunk, data[chunk:]
-
-    def idt_gate(self, sregs: object, vector: int) -> tuple[int, int, int, int]:
-        """(handler, selector, ist, type) of a 64-bit IDT gate; raises if absent."""
-        idt = sregs.idt  # type: ignore[attr-defined]
-        if vector * 16 + 15 > idt.limit:
-            raise GuestMemoryError(f"IDT (limit {idt.limit:#x}) has no gate {vector}")
-        raw = self.read(idt.base + vector * 16, 16)
-        low, selector, ist, attr, mid, high = struct.unpack("<HHBBHI4x", raw)
-        if not attr & 0x80:
-            raise GuestMemoryError(f"IDT gate {vector} is not present")
-        return low | (mid << 16) | (high << 32), selector, ist & 7, attr & 0xF
+    def finish(self, length: int) -> None:
+        """Retire the instruction: RIP past it (EIP wraps at 4 GiB outside 64-bit mode)."""
+        self.regs.rip = (self.rip + length) & (_U64 if self.mode is CpuMode.BITS64 else 0xFFFF_FFFF)
+        self.vcpu.set_regs(self.regs)
 
 
-def _deliver_exception(view: GuestView, vector: int, next_rip: int) -> None:
-    """Deliver a trap-type exception without error code through the 64-bit IDT."""
-    vcpu = view.vcpu
-    sregs = vcpu.get_sregs()
-    regs = vcpu.get_regs()
-    if not sregs.efer & _EFER_LMA:
-        raise GuestMemoryError("exception delivery by the VMM is implemented for long mode only")
-    handler, selector, ist, gate_type = view.idt_gate(sregs, vector)
-    cpl = sregs.cs.selector & 3
-    if cpl != 0:
-        raise GuestMemoryError("exception delivery from user mode is left to the CPU")
+def _deliver_exception(ins: _Instruction, vector: int, next_rip: int) -> None:
+    """Deliver a trap-type exception without error code through the 64-bit IDT, at CPL0."""
+    sregs, regs, view = ins.sregs, ins.regs, ins.view
+    handler, selector, ist, gate_type = idt_gate(view, sregs, vector, ins.paging)
     if selector != sregs.cs.selector:
-        raise GuestMemoryError(f"gate {vector} switches to code selector {selector:#x}; "
-                               "only same-selector gates are handled")  # fmt: skip
-    if ist:
-        (rsp,) = struct.unpack("<Q", view.read(sregs.tr.base + 0x24 + 8 * (ist - 1), 8))
-    else:
-        rsp = regs.rsp
-    rsp &= ~0xF
-    frame = struct.pack("<5Q", next_rip, sregs.cs.selector, regs.rflags, regs.rsp, sregs.ss.selector)
-    rsp -= len(frame)
-    view.write(rsp, frame)
+        raise NotEmulated(f"gate {vector} switches to code selector {selector:#x}; "
+                          "only same-selector gates are handled")  # fmt: skip
+    try:
+        if ist:
+            ist_slot = sregs.tr.base + 0x24 + 8 * (ist - 1)  # in the 64-bit TSS
+            (rsp,) = struct.unpack("<Q", view.read(ist_slot, 8, SUPERVISOR_READ, ins.paging))
+        else:
+            rsp = regs.rsp
+        rsp &= ~0xF
+        frame = struct.pack("<5Q", next_rip, sregs.cs.selector, regs.rflags, regs.rsp, sregs.ss.selector)
+        rsp = (rsp - len(frame)) & _U64  # the CPU wraps the stack pointer
+        view.write(rsp, frame, SUPERVISOR_WRITE, ins.paging)
+    except GuestFault as fault:  # a #DF on real hardware
+        raise NotEmulated(f"delivering #{Vector(vector).name} would fault ({fault})") from None
     regs.rsp = rsp
     regs.rip = handler
-    flags = regs.rflags & ~(_RFLAGS_TF | _RFLAGS_NT | _RFLAGS_RF)
+    flags = regs.rflags & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF)
     if gate_type == _GATE_INTERRUPT:
-        flags &= ~_RFLAGS_IF
-    regs.rflags = flags | _RFLAGS_FIXED
-    vcpu.set_regs(regs)
+        flags &= ~RFLAGS_IF
+    regs.rflags = flags | RFLAGS_FIXED
+    ins.vcpu.set_regs(regs)
 
 
-def _handle_int3(view: GuestView, rip: int, code: bytes) -> None:
-    _deliver_exception(view, _VECTOR_BP, rip + 1)
+def _handle_int3(ins: _Instruction) -> None:
+    if ins.mode is not CpuMode.BITS64:
+        raise NotEmulated("#BP delivery by the VMM is implemented for 64-bit mode only")
+    if ins.cpl != 0:
+        raise NotEmulated("INT3 from user mode is left to the CPU")
+    _deliver_exception(ins, Vector.BP, ins.rip + 1)
 
 
-def _handle_fwait(view: GuestView, rip: int, code: bytes) -> None:
-    regs = view.vcpu.get_regs()
-    regs.rip = rip + 1
-    view.vcpu.set_regs(regs)
+def _handle_fwait(ins: _Instruction) -> None:
+    cr0 = ins.sregs.cr0
+    if cr0 & CR0_MP and cr0 & CR0_TS:
+        raise GuestFault(Vector.NM, why="FWAIT with CR0.MP and CR0.TS set")
+    if ins.vcpu.get_fsw() & FSW_ES:
+        if cr0 & CR0_NE:
+            raise GuestFault(Vector.MF, why="FWAIT with an unmasked x87 exception pending")
+        raise NotEmulated("a pending x87 exception with CR0.NE clear (FERR#) is not emulated")
+    ins.finish(1)
 
 
-def _rflags_ac(value: bool) -> Callable[[GuestView, int, bytes], None]:
-    def handle(view: GuestView, rip: int, code: bytes) -> None:
-        regs = view.vcpu.get_regs()
-        regs.rflags = (regs.rflags | _RFLAGS_AC) if value else (regs.rflags & ~_RFLAGS_AC)
-        regs.rip = rip + 3
-        view.vcpu.set_regs(regs)
+def _rflags_ac(value: bool) -> Callable[[_Instruction], None]:
+    """CLAC (``value`` False) or STAC: RFLAGS.AC, at CPL0 only."""
+
+    def handle(ins: _Instruction) -> None:
+        if ins.cpl != 0:
+            raise GuestFault(Vector.UD, why=f"{ins.name.upper()} at CPL {ins.cpl}")
+        flags = ins.regs.rflags
+        ins.regs.rflags = (flags | RFLAGS_AC) if value else (flags & ~RFLAGS_AC)
+        ins.finish(3)
 
     return handle
 
 
-_GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
-              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")  # fmt: skip
-_SEGMENT_PREFIXES = {0x26: None, 0x2E: None, 0x36: None, 0x3E: None, 0x64: "fs", 0x65: "gs"}
-
-
-class _Undecodable(GuestMemoryError):
-    """The bytes are not a form the decoder handles."""
-
-
-def decode_memory_operand(code: bytes, rip: int, regs: object, sregs: object) -> tuple[int, int, int]:
-    """Decode ``[segment prefix] [REX] 0F <op> ModRM [SIB] [disp]`` in 64-bit mode.
-
-    Returns (ModRM reg field, effective guest-virtual address, instruction length). Only
-    memory operands are accepted (mod != 3); every read is bounds-checked against ``code``.
-    """
-
-    def byte(i: int) -> int:
-        if i >= len(code):
-            raise _Undecodable("instruction bytes end inside the instruction")
-        return code[i]
-
-    def signed(i: int, width: int) -> int:  # a little-endian displacement at code[i:]
-        return int.from_bytes(bytes(byte(i + k) for k in range(width)), "little", signed=True)
-
-    pos, segment_base, rex = 0, 0, 0
-    while byte(pos) in _SEGMENT_PREFIXES:
-        name = _SEGMENT_PREFIXES[code[pos]]
-        segment_base = getattr(sregs, name).base if name else 0
-        pos += 1
-    if 0x40 <= byte(pos) <= 0x4F:
-        rex = code[pos]
-        pos += 1
-    if byte(pos) != 0x0F:
-        raise _Undecodable("not a two-byte (0F) opcode")
-    pos += 2  # 0F and the opcode byte
-    modrm = byte(pos)
-    pos += 1
-    mod, reg, rm = modrm >> 6, (modrm >> 3) & 7, modrm & 7
-    if mod == 3:
-        raise _Undecodable("register operand, not memory")
-
-    def gpr(number: int) -> int:
-        return int(getattr(regs, _GPR_NAMES[number]))
-
-    address = 0
-    if rm == 4:  # SIB
-        sib = byte(pos)
-        pos += 1
-        scale, index, base = 1 << (sib >> 6), ((sib >> 3) & 7) | (rex & 0x2) << 2, (sib & 7) | (rex & 0x1) << 3
-        if index != 4:
-            address += gpr(index) * scale
-        if (base & 7) == 5 and mod == 0:
-            address += signed(pos, 4)
-            pos += 4
-        else:
-            address += gpr(base)
-    elif rm == 5 and mod == 0:  # RIP-relative: from the next instruction
-        address = rip + pos + 4 + signed(pos, 4)
-        pos += 4
+def _handle_0f_ae(ins: _Instruction) -> None:
+    """LDMXCSR m32 (0F AE /2) and STMXCSR m32 (0F AE /3), faults as the SDM lists them."""
+    operand = decode_memory_operand(ins.code, ins.mode, ins.rip, ins.regs, ins.sregs)
+    if operand.reg not in (2, 3):
+        raise Undecodable(f"0f ae /{operand.reg} is not ldmxcsr/stmxcsr")
+    ins.name = "ldmxcsr" if operand.reg == 2 else "stmxcsr"
+    store = operand.reg == 3
+    if PREFIX_LOCK in operand.prefixes.others:
+        raise GuestFault(Vector.UD, why=f"LOCK {ins.name}")
+    if operand.prefixes.others - {PREFIX_ADDRESS_SIZE}:
+        raise NotEmulated(f"{ins.name} with a 66/F2/F3 prefix is not emulated")
+    cr0, cr4, rflags = ins.sregs.cr0, ins.sregs.cr4, ins.regs.rflags
+    if cr0 & CR0_EM or not cr4 & CR4_OSFXSR:
+        raise GuestFault(Vector.UD, why=f"{ins.name} with CR0.EM set or CR4.OSFXSR clear")
+    if cr0 & CR0_TS:
+        raise GuestFault(Vector.NM, why=f"{ins.name} with CR0.TS set")
+    check_operand_access(operand, ins.mode, ins.sregs, 4, store)
+    if ins.cpl == 3 and cr0 & CR0_AM and rflags & RFLAGS_AC and operand.address & 3:
+        raise GuestFault(Vector.AC, 0, f"misaligned {ins.name} operand at CPL 3")
+    access = Access(AccessKind.WRITE if store else AccessKind.READ, user=ins.cpl == 3, ac=bool(rflags & RFLAGS_AC))
+    if store:
+        ins.view.write(operand.address, struct.pack("<I", ins.vcpu.get_mxcsr()), access, ins.paging)
     else:
-        address = gpr(rm | (rex & 0x1) << 3)
-    if mod == 1:
-        address += signed(pos, 1)
-        pos += 1
-    elif mod == 2:
-        address += signed(pos, 4)
-        pos += 4
-    return reg, (segment_base + address) & 0xFFFF_FFFF_FFFF_FFFF, pos
+        (value,) = struct.unpack("<I", ins.view.read(operand.address, 4, access, ins.paging))
+        if value & MXCSR_RESERVED:
+            raise GuestFault(Vector.GP, 0, f"LDMXCSR of reserved bits ({value:#x})")
+        ins.vcpu.set_mxcsr(value)
+    ins.finish(operand.length)
 
 
-def _handle_0f_ae(view: GuestView, rip: int, code: bytes) -> None:
-    """LDMXCSR m32 (0F AE /2) and STMXCSR m32 (0F AE /3) through the vCPU's FPU state."""
-    vcpu = view.vcpu
-    regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
-    reg, address, length = decode_memory_operand(code, rip, regs, sregs)
-    fpu = vcpu.get_fpu()
-    if reg == 2:
-        (value,) = struct.unpack("<I", view.read(address, 4))
-        if value & 0xFFFF_0000:
-            raise GuestMemoryError(f"LDMXCSR of reserved bits ({value:#x}) would #GP; not emulated")
-        fpu.mxcsr = value
-        vcpu.set_fpu(fpu)
-    elif reg == 3:
-        view.write(address, struct.pack("<I", fpu.mxcsr))
-    else:
-        raise _Undecodable(f"0f ae /{reg} is not ldmxcsr/stmxcsr")
-    regs.rip = rip + length
-    vcpu.set_regs(regs)
+@attrs.frozen
+class InstructionHandler:
+    """What to do with one opcode: its name, the handler, and whether prefixes may precede it."""
+
+    name: str
+    handle: Callable[[_Instruction], None]
+    takes_prefixes: bool = False
 
 
-def _with_prefixes(opcode: bytes) -> list[bytes]:
-    """``opcode`` as it may appear after an optional segment prefix and REX byte."""
-    forms = [opcode]
-    for rex in range(0x40, 0x50):
-        forms.append(bytes([rex]) + opcode)
-    for segment in (0x64, 0x65):
-        forms += [bytes([segment]) + f for f in list(forms)]
-    return forms
-
-
-# Exact leading bytes -> what to do. Longest match wins.
-INSTRUCTION_HANDLERS: dict[bytes, Callable[[GuestView, int, bytes], None]] = {
-    b"\xcc": _handle_int3,
-    b"\x9b": _handle_fwait,
-    b"\x0f\x01\xca": _rflags_ac(False),  # clac
-    b"\x0f\x01\xcb": _rflags_ac(True),  # stac
-    **{form: _handle_0f_ae for form in _with_prefixes(b"\x0f\xae")},  # ldmxcsr / stmxcsr
+# Opcode bytes (after any prefixes) -> handler. Longest match wins.
+INSTRUCTION_HANDLERS: dict[bytes, InstructionHandler] = {
+    b"\xcc": InstructionHandler("int3", _handle_int3),
+    b"\x9b": InstructionHandler("fwait", _handle_fwait),
+    b"\x0f\x01\xca": InstructionHandler("clac", _rflags_ac(False)),
+    b"\x0f\x01\xcb": InstructionHandler("stac", _rflags_ac(True)),
+    b"\x0f\xae": InstructionHandler("ldmxcsr/stmxcsr", _handle_0f_ae, takes_prefixes=True),
 }
+_OPCODES_LONGEST_FIRST = sorted(INSTRUCTION_HANDLERS, key=len, reverse=True)
+
+
+_REFUSED_KINDS = 32  # distinct refusal reasons SyscallCompleter.refused keeps apart
 
 
 @attrs.define
@@ -292,35 +270,125 @@ class EmulationFallback:
     """Handles KVM_INTERNAL_ERROR_EMULATION exits for one vCPU."""
 
     view: GuestView
-    handled: dict[str, int] = attrs.field(factory=dict)
+    handled: dict[str, int] = attrs.field(factory=dict)  # instructions emulated, by name
+    faults: dict[str, int] = attrs.field(factory=dict)  # exceptions injected instead, "name: #XX"
 
-    def instruction_bytes(self, run: object, rip: int) -> bytes:
-        failure = run.emulation_failure  # type: ignore[attr-defined]
-        if failure.ndata >= 1 and failure.flags & EMULATION_FLAG_INSTRUCTION_BYTES and failure.insn_size:
-            return bytes(failure.insn_bytes[0 : min(failure.insn_size, 15)])
-        try:
-            return self.view.read(rip, 15)
-        except GuestMemoryError:
-            try:
-                return self.view.read(rip, _PAGE - (rip & (_PAGE - 1)))[:15]
-            except GuestMemoryError:
-                return b""
-
-    def handle(self, run: object) -> None:
-        """Emulate the failed instruction or raise ``UnhandledInstruction``."""
+    def handle(self, run: Any) -> None:
+        """Emulate the failed instruction (or inject the fault it raises), or raise
+        ``UnhandledInstruction``."""
         vcpu = self.view.vcpu
-        rip = vcpu.get_regs().rip
-        code = self.instruction_bytes(run, rip)
-        for prefix in sorted(INSTRUCTION_HANDLERS, key=len, reverse=True):
-            if code.startswith(prefix):
-                try:
-                    INSTRUCTION_HANDLERS[prefix](self.view, rip, code)
-                except GuestMemoryError as exc:
-                    raise UnhandledInstruction(vcpu.index, rip, code, f"the fallback could not: {exc}") from None
-                name = describe_instruction(code)
-                self.handled[name] = self.handled.get(name, 0) + 1
-                return
-        raise UnhandledInstruction(vcpu.index, rip, code, "no fallback handles it")
+        rip, code = failed_instruction(vcpu, self.view.memory, run)
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        mode = cpu_mode(sregs)
+        prefixes = decode_prefixes(code, mode)
+        opcode = code[prefixes.length :]
+        key = next((k for k in _OPCODES_LONGEST_FIRST if opcode.startswith(k)), None)
+        if key is None:
+            raise UnhandledInstruction(vcpu.index, rip, code, "no fallback handles it")
+        entry = INSTRUCTION_HANDLERS[key]
+        if prefixes.length and not entry.takes_prefixes:
+            raise UnhandledInstruction(vcpu.index, rip, code, f"a prefixed {entry.name} is not emulated")
+        ins = _Instruction(self.view, entry.name, rip, code, regs, sregs, mode, Paging.of(sregs))
+        try:
+            entry.handle(ins)
+        except GuestFault as fault:
+            inject_fault(vcpu, fault)
+            name = f"{ins.name}: #{Vector(fault.vector).name}"
+            self.faults[name] = self.faults.get(name, 0) + 1
+            return
+        except (NotEmulated, Undecodable, GuestMemoryError) as exc:
+            raise UnhandledInstruction(vcpu.index, rip, code, f"the fallback could not: {exc}") from None
+        self.handled[ins.name] = self.handled.get(ins.name, 0) + 1
+
+
+# --- SYSCALL completion and debug exits -----------------------------------------------------
+
+
+@attrs.frozen
+class FaultFrame:
+    """The 64-bit exception frame of a fault with an error code, as the handler sees it."""
+
+    error_code: int
+    rip: int
+    cs: int
+    rflags: int
+    rsp: int
+    ss: int
+
+    @classmethod
+    def read(cls, view: GuestView, rsp: int, paging: Paging) -> FaultFrame:
+        return cls(*struct.unpack("<6Q", view.read(rsp, 48, SUPERVISOR_READ, paging, mark=False)))
+
+
+_USER_FETCH = Access(AccessKind.FETCH, user=True)
+
+
+def _canonical(address: int, paging: Paging) -> bool:
+    bits = 57 if paging.levels == 5 else 48
+    top = address >> (bits - 1)
+    return top == 0 or top == (1 << (65 - bits)) - 1
+
+
+def _r11_inconsistency(r11: int, frame_rflags: int, fmask: int) -> str | None:
+    """Why ``r11`` is not what this host's SYSCALL saves, given the #PF frame's RFLAGS.
+
+    Measured on the nested host (docs/host-quirks.md): a real SYSCALL leaves the user's
+    RFLAGS in R11 as the hardware held them -- IF set and IOPL 0, because guest user code
+    runs at the hardware's CPL3 with interrupts on and its IOPL virtualised -- and the
+    fault's frame holds that value with the FMASK bits cleared and RF set. A jump to LSTAR
+    leaves whatever R11 the process chose, which the kernel's SYSRET/IRET would load into
+    RFLAGS (IOPL 3 would give the process port I/O).
+    """
+    if r11 & RFLAGS_RESERVED or not r11 & RFLAGS_FIXED or r11 & RFLAGS_VM:
+        return "R11 is not an RFLAGS value user code can have"
+    if (r11 ^ frame_rflags) & ~(fmask | RFLAGS_RF) & _U64:
+        return "R11 disagrees with the frame's RFLAGS outside FMASK"
+    if r11 & RFLAGS_IOPL:
+        return "R11 has IOPL > 0, which this host's SYSCALL never saves"
+    if not r11 & RFLAGS_IF:
+        return "R11 has IF clear, which this host's SYSCALL never saves"
+    return None
+
+
+def syscall_proof_failure(view: GuestView, paging: Paging, regs: Any, sregs: Any, msrs: dict[int, int],
+                          frame: FaultFrame) -> str | None:  # fmt: skip
+    """Why the #PF in ``frame`` is not a SYSCALL the host left at CPL3; None if it is one.
+
+    A SYSCALL the host ran without entering CPL0 faults on fetching LSTAR from user mode,
+    with RCX just past its ``0f 05`` and R11 holding the user's RFLAGS. Each check is one
+    thing a process jumping to LSTAR cannot fake, or could only fake into the truth.
+    """
+    lstar = msrs.get(Msr.LSTAR)
+    if frame.cs & 3 != 3:
+        return "the fault is not from user mode"
+    if not sregs.efer & EFER_SCE:
+        return "EFER.SCE is clear: SYSCALL would have raised #UD"
+    if frame.rip != lstar:
+        return "the faulting RIP is not LSTAR"
+    expected = PF_PRESENT | PF_USER | (PF_FETCH if paging.no_execute or paging.smep else 0)
+    if frame.error_code != expected:
+        return f"error code {frame.error_code:#x} is not a user-mode fetch from a supervisor page ({expected:#x})"
+    if sregs.cr2 != lstar:
+        return f"CR2 ({sregs.cr2:#x}) is not LSTAR"
+    after = int(regs.rcx)
+    if not _canonical(after, paging) or not _canonical((after - 2) & _U64, paging):
+        return "RCX is not canonical"
+    try:
+        before = view.read((after - 2) & _U64, 2, _USER_FETCH, paging, mark=False)
+    except (GuestFault, GuestMemoryError):
+        return "the two bytes before RCX are not executable in the user's mapping"
+    if before != _SYSCALL:
+        return f"the two bytes before RCX are {before.hex(' ')}, not SYSCALL (0f 05)"
+    return _r11_inconsistency(int(regs.r11), frame.rflags, msrs.get(Msr.FMASK, 0))
+
+
+def reflect_debug_exception(vcpu: Vcpu, dr6: int) -> None:
+    """Give the guest a #DB the host handed to the VMM: DR6 reports what the exit reported
+    (B0-B3 replaced, BS/BD/BT added, as the CPU updates it), then #DB at the current RIP."""
+    reported = dr6 & ~DR6_FIXED & 0xFFFF_FFFF
+    current = vcpu.get_debugregs().dr6
+    vcpu.set_dr6(((current & ~DR6_B0_B3) | reported | DR6_FIXED) & 0xFFFF_FFFF)
+    vcpu.inject_exception(Vector.DB)
 
 
 @attrs.define
@@ -331,12 +399,14 @@ class SyscallCompleter:
     armed_at: int | None = None
     stepping: bool = False
     completed: int = 0
-    passed_faults: int = 0
+    passed_faults: int = 0  # page faults stepped over to the guest's handler
+    refused: dict[str, int] = attrs.field(factory=dict)  # CPL3 faults at LSTAR that were not SYSCALLs, by reason
+    reflected: int = 0  # debug exits that were the guest's own, injected back
     base_mismatches: int = 0  # FS/GS bases where KVM_GET_SREGS and KVM_GET_MSRS disagreed
 
     def _arm(self, handler: int) -> None:
         self.view.vcpu.set_guest_debug(GuestDebug.ENABLE | GuestDebug.USE_HW_BP,
-                                       [handler, 0, 0, 0, 0, 0, 0, _DR7_L0 | _DR7_FIXED])  # fmt: skip
+                                       [handler, 0, 0, 0, 0, 0, 0, DR7_L0 | DR7_FIXED])  # fmt: skip
         self.armed_at = handler
 
     def refresh(self) -> None:
@@ -345,62 +415,81 @@ class SyscallCompleter:
             return
         vcpu = self.view.vcpu
         sregs = vcpu.get_sregs()
-        if not sregs.efer & _EFER_LMA or sregs.idt.limit < _VECTOR_PF * 16 + 15:
+        if not sregs.efer & EFER_LMA or sregs.idt.limit < Vector.PF * 16 + 15:
             return
-        if not vcpu.get_msrs([_MSR_LSTAR]).get(_MSR_LSTAR):
+        if not vcpu.get_msrs([Msr.LSTAR]).get(Msr.LSTAR):
             return
         try:
-            handler, *_ = self.view.idt_gate(sregs, _VECTOR_PF)
+            handler, *_ = idt_gate(self.view, sregs, Vector.PF, Paging.of(sregs))
         except GuestMemoryError:
             return
         if handler != self.armed_at:
             self._arm(handler)
 
-    def on_debug_exit(self, run: object) -> bool:
-        """Handle a debug exit; False if it was not ours."""
-        vcpu = self.view.vcpu
-        if self.stepping:
-            self.stepping = False
-            assert self.armed_at is not None
-            self._arm(self.armed_at)
-            return True
-        pc = run.debug.arch.pc  # type: ignore[attr-defined]
-        if self.armed_at is None or pc != self.armed_at:
+    def on_debug_exit(self, run: Any) -> bool:
+        """Handle a debug exit; False if guest debugging is not ours (nothing armed)."""
+        if self.armed_at is None:
             return False
-        regs = vcpu.get_regs()
-        _error, rip, cs, rflags, user_rsp, _ss = struct.unpack("<6Q", self.view.read(regs.rsp, 48))
-        msrs = vcpu.get_msrs([_MSR_STAR, _MSR_LSTAR, _MSR_FMASK, _MSR_FS_BASE, _MSR_GS_BASE])
-        if rip == msrs.get(_MSR_LSTAR) and cs & 3 == 3:
-            self._complete_syscall(regs, msrs, rflags, user_rsp)
-        else:
-            # A genuine page fault: let the guest's handler run, one step without the
-            # breakpoint (RF is not honoured by every host), then re-arm.
-            vcpu.set_guest_debug(GuestDebug.ENABLE | GuestDebug.SINGLESTEP)
-            self.stepping = True
-            self.passed_faults += 1
+        vcpu = self.view.vcpu
+        arch = run.debug.arch
+        if self.stepping:
+            if arch.dr6 & DR6_BS:  # our step past the guest's #PF handler entry: re-arm
+                self.stepping = False
+                self._arm(self.armed_at)
+            else:
+                self._reflect(arch.dr6)
+            return True
+        if arch.pc != self.armed_at or not arch.dr6 & DR6_B0:  # not our slot-0 breakpoint
+            self._reflect(arch.dr6)
+            return True
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        paging = Paging.of(sregs)
+        msrs = vcpu.get_msrs([Msr.STAR, Msr.LSTAR, Msr.FMASK, Msr.FS_BASE, Msr.GS_BASE])
+        try:
+            frame: FaultFrame | None = FaultFrame.read(self.view, regs.rsp, paging)
+        except (GuestFault, GuestMemoryError):
+            frame = None  # not a frame the CPU could have pushed: the guest's handler will see
+        if frame is not None:
+            why = syscall_proof_failure(self.view, paging, regs, sregs, msrs, frame)
+            if why is None:
+                self._complete_syscall(regs, sregs, msrs, frame)
+                return True
+            if frame.cs & 3 == 3 and frame.rip == msrs.get(Msr.LSTAR):
+                # Reasons quote guest values: count at most _REFUSED_KINDS of them apart.
+                key = why if why in self.refused or len(self.refused) < _REFUSED_KINDS else "other reasons"
+                self.refused[key] = self.refused.get(key, 0) + 1
+        # A genuine page fault: let the guest's handler run, one step without the
+        # breakpoint (this host does not honour RF), then re-arm at the step's exit.
+        vcpu.set_guest_debug(GuestDebug.ENABLE | GuestDebug.SINGLESTEP)
+        self.stepping = True
+        self.passed_faults += 1
         return True
 
-    def _complete_syscall(self, regs: object, msrs: dict[int, int], rflags: int, user_rsp: int) -> None:
+    def _reflect(self, dr6: int) -> None:
+        reflect_debug_exception(self.view.vcpu, dr6)
+        self.reflected += 1
+
+    def _complete_syscall(self, regs: Any, sregs: Any, msrs: dict[int, int], frame: FaultFrame) -> None:
+        """Do what SYSCALL does (RCX already holds the return RIP, R11 the user's RFLAGS)."""
         vcpu = self.view.vcpu
-        sregs = vcpu.get_sregs()
         # KVM_SET_SREGS writes every segment back. Take the FS/GS bases from the MSRs, the
         # registers the guest kernel writes (arch_prctl); a stale base in the segment state
         # would otherwise be written over the task's TLS pointer. (Suspected on the nested
         # host after one user task died on an FS-relative load with FS base 0.)
-        for seg, index in ((sregs.fs, _MSR_FS_BASE), (sregs.gs, _MSR_GS_BASE)):
+        for seg, index in ((sregs.fs, Msr.FS_BASE), (sregs.gs, Msr.GS_BASE)):
             base = msrs.get(index)
             if base is not None and base != seg.base:
                 self.base_mismatches += 1
                 seg.base = base
-        kernel_cs = (msrs[_MSR_STAR] >> 32) & 0xFFFF
+        kernel_cs = (msrs[Msr.STAR] >> 32) & 0xFFFC  # SYSCALL forces RPL 0
         for seg, selector, seg_type, long_code in ((sregs.cs, kernel_cs, 0xB, True),
                                                    (sregs.ss, kernel_cs + 8, 0x3, False)):  # fmt: skip
             seg.selector, seg.base, seg.limit, seg.type = selector, 0, 0xFFFF_FFFF, seg_type
             seg.present, seg.dpl, seg.s, seg.g, seg.unusable = 1, 0, 1, 1, 0
             seg.l, seg.db = (1, 0) if long_code else (0, 1)
         vcpu.set_sregs(sregs)
-        regs.rip = msrs[_MSR_LSTAR]  # type: ignore[attr-defined]
-        regs.rsp = user_rsp  # type: ignore[attr-defined]
-        regs.rflags = (rflags & ~msrs.get(_MSR_FMASK, 0)) | _RFLAGS_FIXED  # type: ignore[attr-defined]
+        regs.rip = msrs[Msr.LSTAR]
+        regs.rsp = frame.rsp
+        regs.rflags = (regs.r11 & ~(msrs.get(Msr.FMASK, 0) | RFLAGS_RF) & _U64) | RFLAGS_FIXED
         vcpu.set_regs(regs)
         self.completed += 1

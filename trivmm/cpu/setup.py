@@ -8,6 +8,22 @@ import attrs
 
 from trivmm.boot import layout
 from trivmm.boot.loader import BootEntry, BootProtocol
+from trivmm.cpu.arch import (
+    CR0_AM,
+    CR0_ET,
+    CR0_MP,
+    CR0_NE,
+    CR0_PE,
+    CR0_PG,
+    CR0_WP,
+    CR4_PAE,
+    EFER_LMA,
+    EFER_LME,
+    GPR_NAMES,
+    MISC_ENABLE_FAST_STRING,
+    MTRR_DEF_TYPE_ENABLE_WB,
+    Msr,
+)
 from trivmm.cpu.templates import CpuTemplate
 from trivmm.kvm._ffi import ffi
 from trivmm.kvm.system import CpuidEntry
@@ -15,23 +31,6 @@ from trivmm.kvm.vcpu import Vcpu
 
 __all__ = ["configure_vcpu", "set_entry_state", "vcpu_cpuid"]
 
-_MSR_IA32_SYSENTER_CS = 0x174
-_MSR_IA32_SYSENTER_ESP = 0x175
-_MSR_IA32_SYSENTER_EIP = 0x176
-_MSR_STAR = 0xC000_0081
-_MSR_LSTAR = 0xC000_0082
-_MSR_CSTAR = 0xC000_0083
-_MSR_SYSCALL_MASK = 0xC000_0084
-_MSR_KERNEL_GS_BASE = 0xC000_0102
-_MSR_IA32_TSC = 0x10
-_MSR_IA32_MISC_ENABLE = 0x1A0
-_MSR_MTRR_DEF_TYPE = 0x2FF
-_MISC_ENABLE_FAST_STRING = 1
-_MTRR_ENABLE_WB = (1 << 11) | 6
-
-_CR0_PE, _CR0_MP, _CR0_ET, _CR0_NE, _CR0_WP, _CR0_AM, _CR0_PG = 1, 2, 0x10, 0x20, 1 << 16, 1 << 18, 1 << 31
-_CR4_PAE = 0x20
-_EFER_LME, _EFER_LMA = 0x100, 0x400
 _LAPIC_LVT0, _LAPIC_LVT1 = 0x350, 0x360
 _DELIVERY_EXTINT, _DELIVERY_NMI = 7, 4
 _CPUID_HYPERVISOR = 1 << 31
@@ -64,15 +63,15 @@ def configure_vcpu(vcpu: Vcpu, cpuid: list[CpuidEntry]) -> None:
     """What every vCPU needs before it first runs: CPUID, MSRs, FPU control words, LINTs."""
     vcpu.set_cpuid(cpuid)
     vcpu.set_msrs({
-        _MSR_IA32_SYSENTER_CS: 0, _MSR_IA32_SYSENTER_ESP: 0, _MSR_IA32_SYSENTER_EIP: 0,
-        _MSR_STAR: 0, _MSR_CSTAR: 0, _MSR_KERNEL_GS_BASE: 0, _MSR_SYSCALL_MASK: 0, _MSR_LSTAR: 0,
-        _MSR_IA32_TSC: 0, _MSR_IA32_MISC_ENABLE: _MISC_ENABLE_FAST_STRING,
-        _MSR_MTRR_DEF_TYPE: _MTRR_ENABLE_WB,
+        Msr.SYSENTER_CS: 0, Msr.SYSENTER_ESP: 0, Msr.SYSENTER_EIP: 0,
+        Msr.STAR: 0, Msr.CSTAR: 0, Msr.KERNEL_GS_BASE: 0, Msr.FMASK: 0, Msr.LSTAR: 0,
+        Msr.TSC: 0, Msr.MISC_ENABLE: MISC_ENABLE_FAST_STRING,
+        Msr.MTRR_DEF_TYPE: MTRR_DEF_TYPE_ENABLE_WB,
     })  # fmt: skip
     fpu = vcpu.get_fpu()
     fpu.fcw = 0x37F
-    fpu.mxcsr = 0x1F80
     vcpu.set_fpu(fpu)
+    vcpu.set_mxcsr(0x1F80)  # not through KVM_SET_FPU: see Vcpu.set_mxcsr
     _set_lint(vcpu)
 
 
@@ -106,18 +105,18 @@ def set_entry_state(vcpu: Vcpu, entry: BootEntry) -> None:
     sregs.gdt.base, sregs.gdt.limit = layout.GDT, 5 * 8 - 1
     sregs.idt.base, sregs.idt.limit = layout.IDT, 7
     if long_mode:
-        sregs.cr0 = _CR0_PE | _CR0_MP | _CR0_ET | _CR0_NE | _CR0_WP | _CR0_AM | _CR0_PG
+        sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_AM | CR0_PG
         sregs.cr3 = layout.PML4
-        sregs.cr4 = _CR4_PAE
-        sregs.efer = _EFER_LME | _EFER_LMA
+        sregs.cr4 = CR4_PAE
+        sregs.efer = EFER_LME | EFER_LMA
     else:
-        sregs.cr0 = _CR0_PE | _CR0_ET
+        sregs.cr0 = CR0_PE | CR0_ET
         sregs.cr3 = 0
         sregs.cr4 = 0
         sregs.efer = 0
     vcpu.set_sregs(sregs)
     regs = vcpu.get_regs()
-    for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"):
+    for name in GPR_NAMES:
         setattr(regs, name, 0)
     regs.rip = entry.rip
     regs.rflags = 0x2

@@ -6,19 +6,30 @@ KVM_SET_CPUID2 (the nested, PVM-style KVM this project grew up on), the table al
 hide a feature, so a template also carries kernel command-line options for Linux guests
 (``clearcpuid=``) that keep the kernel off the instructions the host cannot run.
 
+A template also names the host quirks its host needs (``Quirk``): the per-vCPU hooks that
+``trivmm.cpu.quirks`` builds for them plug into the run loop. ``host`` names none.
+
 ``detect_host_template`` picks the template for the host; ``--cpu-template`` overrides it.
 """
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 
 import attrs
 
 from trivmm.kvm.system import CpuidEntry
 
-__all__ = ["CpuTemplate", "CpuidBits", "TEMPLATES", "detect_host_template", "get_template",
+__all__ = ["CpuTemplate", "CpuidBits", "Quirk", "TEMPLATES", "detect_host_template", "get_template",
            "LINUX_CLEARCPUID_MAX"]
+
+
+class Quirk(enum.Enum):
+    """A host-quirk hook a template asks for (built per vCPU by ``trivmm.cpu.quirks``)."""
+
+    EMULATION_FALLBACK = "emulation-fallback"  # emulate what the host's instruction emulator cannot
+    SYSCALL_COMPLETION = "syscall-completion"  # the host runs SYSCALL from CPL3 without entering CPL0
 
 
 @attrs.frozen
@@ -40,12 +51,14 @@ def _bits(*positions: int) -> int:
 
 @attrs.frozen
 class CpuTemplate:
+    """A named CPU model: CPUID bits cleared, leaves dropped, Linux options, host quirks."""
+
     name: str
     description: str
     clear: tuple[CpuidBits, ...] = ()
     drop_leaves: tuple[int, ...] = ()  # leaves removed entirely (e.g. 0xD when XSAVE is off)
     linux_cmdline: tuple[str, ...] = ()
-    complete_syscalls: bool = False  # host runs SYSCALL from CPL3 without entering CPL0
+    quirks: frozenset[Quirk] = frozenset()  # host-quirk hooks this host needs; none on stock KVM
 
     def apply(self, entries: list[CpuidEntry]) -> list[CpuidEntry]:
         out = []
@@ -105,7 +118,7 @@ TEMPLATES: dict[str, CpuTemplate] = {
             # cryptomgr.notests: Debian's kernel self-tests every crypto algorithm it
             # registers (RSA among them); measured here, that is many minutes of boot.
             linux_cmdline=("noxsave", f"clearcpuid={_NESTED_CLEARCPUID}", "nowatchdog", "cryptomgr.notests"),
-            complete_syscalls=True,
+            quirks=frozenset({Quirk.EMULATION_FALLBACK, Quirk.SYSCALL_COMPLETION}),
         ),
     )
 }

@@ -3,23 +3,34 @@
 The guest's reboot path writes 0xFE (pulse reset line) to the command port; that ends the
 VM with "reset". A keyboard that acknowledges commands is modelled so that a kernel's atkbd
 probe finishes at once instead of waiting out its timeouts; no key is ever pressed.
+
+The bytes waiting for the guest sit in a FIFO of ``OUTPUT_FIFO_SIZE`` bytes (a PS/2
+keyboard buffers 16): a guest that sends commands without reading the answers loses the
+answers that do not fit (counted in ``dropped``, logged), never the VMM's memory. The
+interrupt line changes under the device's lock, so two vCPUs cannot apply their edges out
+of order.
 """
 
 from __future__ import annotations
 
-import collections
+import logging
 import threading
 from collections.abc import Callable
 
-__all__ = ["I8042", "I8042_DATA_PORT", "I8042_COMMAND_PORT", "KEYBOARD_IRQ"]
+from trivmm.devices.fifo import ByteFifo, DropCounter
+
+__all__ = ["I8042", "I8042_DATA_PORT", "I8042_COMMAND_PORT", "KEYBOARD_IRQ", "OUTPUT_FIFO_SIZE"]
 
 I8042_DATA_PORT = 0x60
 I8042_COMMAND_PORT = 0x64  # the device spans 0x60..0x64; offsets 1..3 are unused
 KEYBOARD_IRQ = 1
+OUTPUT_FIFO_SIZE = 16
+_log = logging.getLogger(__name__)
 
 _STATUS_OBF = 0x01
 _STATUS_SYS = 0x04
 _STATUS_CMD = 0x08
+_STATUS_UNLOCKED = 0x10  # keyboard not inhibited by the keylock switch
 
 _CTR_KBD_INT = 0x01
 _CTR_SYS = 0x04
@@ -52,24 +63,33 @@ class I8042:
         self._irq = irq
         self._lock = threading.Lock()
         self._ctr = _CTR_KBD_INT | _CTR_SYS | _CTR_AUX_DISABLE | _CTR_XLATE
-        self._status = _STATUS_SYS
-        self._out: collections.deque[int] = collections.deque()
+        self._status = _STATUS_SYS | _STATUS_UNLOCKED
+        self._out = ByteFifo(OUTPUT_FIFO_SIZE, DropCounter(_log, "i8042 output FIFO"))
         self._pending_command = 0
+        self._line = False
+
+    @property
+    def dropped(self) -> int:
+        """Answer bytes lost because the guest did not read them and the FIFO was full."""
+        with self._lock:
+            return self._out.dropped
 
     def read(self, offset: int, data: memoryview) -> None:
-        raise_irq = False
         with self._lock:
             if offset == 0:
-                value = self._out.popleft() if self._out else 0
-                raise_irq = bool(self._out) and bool(self._ctr & _CTR_KBD_INT)
+                byte = self._out.pop()
+                value = 0 if byte is None else byte
+                # Each byte read ends its interrupt; the next byte, if any, raises a new edge.
+                self._set_line(False)
+                if self._out and self._ctr & _CTR_KBD_INT:
+                    self._set_line(True)
             elif offset == 4:
                 value = self._status | (_STATUS_OBF if self._out else 0)
             else:
                 value = 0xFF
-        data[:] = bytes([value]) + b"\0" * (len(data) - 1)
-        self._irq(False)
-        if raise_irq:
-            self._irq(True)
+        data[0] = value
+        for i in range(1, len(data)):
+            data[i] = 0
 
     def write(self, offset: int, data: memoryview) -> None:
         value = data[0]
@@ -81,16 +101,21 @@ class I8042:
             elif offset == 0:
                 self._status &= ~_STATUS_CMD
                 self._data(value)
-            notify = bool(self._out) and bool(self._ctr & _CTR_KBD_INT)
+            if not reset and self._out and self._ctr & _CTR_KBD_INT:
+                self._set_line(True)
         if reset:
             self._reset()
-        elif notify:
-            self._irq(True)
+
+    def _set_line(self, level: bool) -> None:
+        """Change the interrupt line (called with the lock held); no call when unchanged."""
+        if level != self._line:
+            self._line = level
+            self._irq(level)
 
     def _command(self, command: int) -> bool:
         self._pending_command = 0
         if command == _CMD_READ_CTR:
-            self._out.append(self._ctr)
+            self._answer(self._ctr)
         elif command in (_CMD_WRITE_CTR, _CMD_WRITE_OUTPUT_PORT):
             self._pending_command = command
         elif command == _CMD_AUX_DISABLE:
@@ -98,15 +123,15 @@ class I8042:
         elif command == _CMD_AUX_ENABLE:
             self._ctr &= ~_CTR_AUX_DISABLE
         elif command == _CMD_SELF_TEST:
-            self._out.append(0x55)
+            self._answer(0x55)
         elif command == _CMD_KBD_TEST:
-            self._out.append(0x00)
+            self._answer(0x00)
         elif command == _CMD_KBD_DISABLE:
             self._ctr |= _CTR_KBD_DISABLE
         elif command == _CMD_KBD_ENABLE:
             self._ctr &= ~_CTR_KBD_DISABLE
         elif command == _CMD_READ_OUTPUT_PORT:
-            self._out.append(0x01)  # reset line high: not in reset
+            self._answer(0x01)  # reset line high: not in reset
         elif command == _CMD_RESET_CPU:
             return True
         return False
@@ -118,8 +143,11 @@ class I8042:
         elif pending == _CMD_WRITE_OUTPUT_PORT:
             pass  # A20 and the reset line: nothing to model
         elif value == _KBD_RESET:
-            self._out.extend((_KBD_ACK, 0xAA))  # ACK, self-test passed
+            self._answer(_KBD_ACK, 0xAA)  # ACK, self-test passed
         elif value == _KBD_GET_ID:
-            self._out.extend((_KBD_ACK, 0xAB, 0x83))  # MF2 keyboard
+            self._answer(_KBD_ACK, 0xAB, 0x83)  # MF2 keyboard
         else:
-            self._out.append(_KBD_ACK)
+            self._answer(_KBD_ACK)
+
+    def _answer(self, *values: int) -> None:
+        self._out.push(bytes(values), "the guest sent commands without reading their answers")

@@ -20,7 +20,7 @@ _REG_A, _REG_B, _REG_C, _REG_D = 0x0A, 0x0B, 0x0C, 0x0D
 _CENTURY = 0x32
 _REG_B_24H = 0x02
 _REG_D_VALID = 0x80
-_NMI_DISABLE = 0x80
+_INDEX_MASK = 0x7F  # bit 7 of what is written to the index port masks NMIs; it is no index bit
 
 
 def _bcd(value: int) -> int:
@@ -48,19 +48,24 @@ class CmosRtc:
         return None if value is None else _bcd(value)
 
     def read(self, offset: int, data: memoryview) -> None:
-        with self._lock:
-            if offset == 0:
-                value = self._index
-            else:
-                clock = self._clock_byte(self._index)
-                value = clock if clock is not None else self._cmos[self._index]
-                if self._index == _REG_C:
+        index = self._index
+        if offset == 0:
+            value = index
+        else:
+            with self._lock:
+                clock = self._clock_byte(index)
+                value = clock if clock is not None else self._cmos[index]
+                if index == _REG_C:
                     self._cmos[_REG_C] = 0  # reading C acknowledges interrupt flags
-        data[:] = bytes([value]) + b"\0" * (len(data) - 1)
+        data[:] = value.to_bytes(len(data), "little")
 
     def write(self, offset: int, data: memoryview) -> None:
+        if offset == 0:
+            # Every CMOS access starts here, so this is the port a guest hammers: one store
+            # and no lock (data-port accesses read the index once).
+            self._index = data[0] & _INDEX_MASK
+            return
+        index = self._index
         with self._lock:
-            if offset == 0:
-                self._index = data[0] & ~_NMI_DISABLE & 0x7F
-            elif self._index not in (_REG_C, _REG_D) and self._clock_byte(self._index) is None:
-                self._cmos[self._index] = data[0]
+            if index not in (_REG_C, _REG_D) and self._clock_byte(index) is None:
+                self._cmos[index] = data[0]

@@ -9,22 +9,29 @@ The interrupt line is level-modelled: ``irq(level)`` is called whenever "an inte
 pending" changes, and the VMM turns that into KVM_IRQ_LINE edges on the in-kernel irqchip.
 
 Register accesses arrive on vCPU threads and input on the event loop's thread, so all state
-sits behind one lock; ``irq`` and the output sink are called outside it.
+sits behind one lock -- and so do the calls to ``irq`` and to the output sink. Deciding a
+level under the lock but applying it after releasing it would let two threads apply their
+levels in the opposite order, leaving the line low with an interrupt pending: a lost edge,
+and a console that hangs. Both callbacks must therefore be quick and must not call back
+into the UART (KVM_IRQ_LINE and the VM's non-blocking console buffer are).
 """
 
 from __future__ import annotations
 
-import collections
+import logging
 import threading
 from collections.abc import Callable
 
 import attrs
+
+from trivmm.devices.fifo import ByteFifo, DropCounter
 
 __all__ = ["Serial", "SerialState", "COM1_PORT", "COM1_IRQ"]
 
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
 FIFO_SIZE = 64
+_log = logging.getLogger(__name__)
 
 # Register offsets (DLAB clear / set)
 _DATA, _IER, _IIR_FCR, _LCR, _MCR, _LSR, _MSR, _SCR = range(8)
@@ -76,7 +83,7 @@ class Serial:
         self._output = output
         self._irq = irq
         self._lock = threading.Lock()
-        self._rx: collections.deque[int] = collections.deque()
+        self._rx = ByteFifo(FIFO_SIZE, DropCounter(_log, "UART receive FIFO"))
         self._ier = 0
         self._lcr = 0x03  # 8N1
         self._mcr = _MCR_OUT2
@@ -91,27 +98,24 @@ class Serial:
     def read(self, offset: int, data: memoryview) -> None:
         with self._lock:
             value = self._read_register(offset)
-            level = self._pending()
+            self._update_line()
         data[0] = value
         for i in range(1, len(data)):
             data[i] = 0
-        self._set_line(level)
 
     def write(self, offset: int, data: memoryview) -> None:
-        out = None
         with self._lock:
             out = self._write_register(offset, data[0])
-            level = self._pending()
-        if out is not None:
-            self._output(out)
-        self._set_line(level)
+            if out is not None:
+                self._output(out)
+            self._update_line()
 
     def _read_register(self, offset: int) -> int:
         dlab = self._lcr & _LCR_DLAB
         if offset == _DATA:
             if dlab:
                 return self._dll
-            return self._rx.popleft() if self._rx else 0
+            return self._rx.pop() or 0
         if offset == _IER:
             return self._dlm if dlab else self._ier
         if offset == _IIR_FCR:
@@ -137,7 +141,7 @@ class Serial:
                 return None
             self._thre_pending = True  # sent at once: the holding register is empty again
             if self._mcr & _MCR_LOOP:
-                self._push_rx(bytes([value]))
+                self._rx.push(bytes([value]), "loopback byte with the receive FIFO full")
                 return None
             return bytes([value])
         if offset == _IER:
@@ -177,35 +181,38 @@ class Serial:
     def _pending(self) -> bool:
         return self._interrupt_id() != _IIR_NONE
 
-    def _push_rx(self, data: bytes | bytearray) -> int:
-        room = FIFO_SIZE - len(self._rx)
-        self._rx.extend(data[:room])
-        return min(room, len(data))
-
-    def _set_line(self, level: bool) -> None:
+    def _update_line(self) -> None:
+        """Bring the interrupt line to the pending state. Called with the lock held."""
+        level = self._pending()
         if level != self._line:
             self._line = level
             self._irq(level)
 
     # --- host side ----------------------------------------------------------------------
     def enqueue_input(self, data: bytes | bytearray) -> int:
-        """Queue bytes typed by the host; return how many fit in the receive FIFO."""
+        """Queue what fits of ``data`` (typed by the host) in the receive FIFO; return how
+        much did. Nothing is dropped: the caller keeps the rest and offers it again."""
         with self._lock:
-            taken = self._push_rx(data)
-            level = self._pending()
-        self._set_line(level)
+            taken = self._rx.push(data[: self._rx.room])
+            self._update_line()
         return taken
 
     @property
     def rx_room(self) -> int:
         with self._lock:
-            return FIFO_SIZE - len(self._rx)
+            return self._rx.room
+
+    @property
+    def dropped(self) -> int:
+        """Bytes the guest's loopback writes lost to a full receive FIFO."""
+        with self._lock:
+            return self._rx.dropped
 
     # --- saved state --------------------------------------------------------------------
     def save(self) -> SerialState:
         with self._lock:
             return SerialState(self._ier, self._lcr, self._mcr, self._scr, self._fcr,
-                               self._dll, self._dlm, self._thre_pending, bytes(self._rx))  # fmt: skip
+                               self._dll, self._dlm, self._thre_pending, self._rx.peek_all())  # fmt: skip
 
     def restore(self, state: SerialState) -> None:
         if len(state.rx) > FIFO_SIZE:
@@ -215,6 +222,6 @@ class Serial:
             self._scr, self._fcr = state.scr & 0xFF, state.fcr & (_FCR_ENABLE | 0xC0)
             self._dll, self._dlm = state.dll & 0xFF, state.dlm & 0xFF
             self._thre_pending = state.thre_pending
-            self._rx = collections.deque(state.rx)
-            level = self._pending()
-        self._set_line(level)
+            self._rx.clear()
+            self._rx.push(state.rx)
+            self._update_line()

@@ -43,7 +43,8 @@ _BUSYBOX = Path("/bin/busybox")
 # The stock kernel's drivers for trivmm's devices, in load order (modinfo "depends").
 _STOCK_MODULES = ["virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "failover", "net_failover",
                   "virtio_net", "vsock", "vmw_vsock_virtio_transport_common",
-                  "vmw_vsock_virtio_transport", "virtio_rng"]  # fmt: skip
+                  "vmw_vsock_virtio_transport", "virtio_rng",
+                  "pvpanic", "pvpanic_mmio"]  # pvpanic: a panic ends the VM (QEMU0001 in the DSDT)  # fmt: skip
 
 
 class GuestBuildError(Exception):

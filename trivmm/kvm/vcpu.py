@@ -1,11 +1,17 @@
-"""``Vcpu``: one vCPU fd and its shared ``kvm_run`` page — registers, state, KVM_RUN."""
+"""``Vcpu``: one vCPU fd and its shared ``kvm_run`` page — registers, state, events.
+
+KVM_RUN itself is issued by the run loop (``trivmm.vcpu``) through a fixed-prototype cffi
+call on ``fd``; this class maps the page it reports exits in.
+"""
 
 from __future__ import annotations
 
+import errno
 import mmap
+import struct
 from typing import TYPE_CHECKING, Any
 
-from trivmm.kvm._ffi import IOCTLS, ffi, ioctl_fixed
+from trivmm.kvm._ffi import ffi
 from trivmm.kvm._ioctl import FdObject, KvmError
 from trivmm.kvm.constants import Cap
 
@@ -14,11 +20,17 @@ if TYPE_CHECKING:
 
 __all__ = ["Vcpu", "Translation"]
 
-_KVM_RUN = IOCTLS["KVM_RUN"]
+# KVM_GET/SET_XSAVE use the standard (non-compacted) XSAVE layout.
+_XSAVE_FSW, _XSAVE_MXCSR = 2, 24  # in the legacy (FXSAVE) region
+_XSAVE_XSTATE_BV = 512  # the header's bitmap of components present
+_XFEATURE_SSE = 1 << 1
+_XSAVE_U16, _XSAVE_U32, _XSAVE_U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
 
 
 class Translation:
-    """KVM_TRANSLATE's answer for one guest-virtual address."""
+    """KVM_TRANSLATE's answer for one guest-virtual address. On x86, ``writeable`` and
+    ``usermode`` are constants, not the page's permissions (``trivmm.cpu.paging`` walks
+    the tables where permissions matter)."""
 
     __slots__ = ("physical_address", "usermode", "valid", "writeable")
 
@@ -42,12 +54,6 @@ class Vcpu(FdObject):
         self.run_page = mmap.mmap(fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
         self.run: Any = ffi.cast("struct kvm_run *", ffi.from_buffer(self.run_page))
-
-    def kvm_run(self) -> int:
-        """One KVM_RUN; return 0 or the errno (EINTR after a kick). The GIL is released."""
-        if ioctl_fixed(self._fd, _KVM_RUN, ffi.NULL) < 0:
-            return ffi.errno  # type: ignore[no-any-return]
-        return 0
 
     def close(self) -> None:
         if not self.closed:
@@ -106,11 +112,62 @@ class Vcpu(FdObject):
     def set_debugregs(self, debugregs: Any) -> None:
         self.ioctl("KVM_SET_DEBUGREGS", debugregs)
 
+    # --- exceptions for the guest -------------------------------------------------------
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
+        """Have the guest take exception ``vector`` at its current RIP when it next runs,
+        delivered through its IDT as an injected event (KVM_SET_VCPU_EVENTS). Set CR2 first
+        for a #PF (``set_cr2``) and DR6 for a #DB (``set_dr6``): an injected event carries
+        no payload. Refused while the vCPU is already delivering an event."""
+        events = self.get_vcpu_events()
+        if events.exception.injected or events.exception.pending or events.interrupt.injected or events.nmi.injected:
+            raise KvmError("KVM_SET_VCPU_EVENTS", errno.EBUSY, f"vCPU {self.index} is already delivering an event")
+        events.exception.injected = 1
+        events.exception.pending = 0
+        events.exception.nr = vector
+        events.exception.has_error_code = int(error_code is not None)
+        events.exception.error_code = error_code or 0
+        events.exception_has_payload = 0
+        self.set_vcpu_events(events)
+
+    def set_cr2(self, address: int) -> None:
+        """CR2, the page-fault address register (KVM_SET_SREGS)."""
+        sregs = self.get_sregs()
+        sregs.cr2 = address
+        self.set_sregs(sregs)
+
+    def set_dr6(self, value: int) -> None:
+        """The guest's DR6, the debug status register (KVM_SET_DEBUGREGS)."""
+        debugregs = self.get_debugregs()
+        debugregs.dr6 = value
+        self.set_debugregs(debugregs)
+
     def get_xsave(self) -> Any:
         return self._get("KVM_GET_XSAVE", "struct kvm_xsave *")
 
     def set_xsave(self, xsave: Any) -> None:
         self.ioctl("KVM_SET_XSAVE", xsave)
+
+    def get_fsw(self) -> int:
+        """FSW, the x87 status word, from KVM_GET_XSAVE (where MXCSR is read from too)."""
+        xsave = self.get_xsave()
+        return int(_XSAVE_U16.unpack_from(ffi.buffer(xsave.region), _XSAVE_FSW)[0])
+
+    def get_mxcsr(self) -> int:
+        """MXCSR, the SSE control/status register, from KVM_GET_XSAVE. (KVM_GET_FPU's copy
+        is not reliable: on the nested host it always reads 0.)"""
+        xsave = self.get_xsave()
+        return int(_XSAVE_U32.unpack_from(ffi.buffer(xsave.region), _XSAVE_MXCSR)[0])
+
+    def set_mxcsr(self, value: int) -> None:
+        """Set MXCSR through KVM_SET_XSAVE, marking the SSE component present in XSTATE_BV:
+        without that bit the host restores the component's initial state and drops the
+        value (measured on the nested host, where KVM_SET_FPU's MXCSR is lost that way)."""
+        xsave = self.get_xsave()
+        region = ffi.buffer(xsave.region)
+        _XSAVE_U32.pack_into(region, _XSAVE_MXCSR, value)
+        (features,) = _XSAVE_U64.unpack_from(region, _XSAVE_XSTATE_BV)
+        _XSAVE_U64.pack_into(region, _XSAVE_XSTATE_BV, features | _XFEATURE_SSE)
+        self.set_xsave(xsave)
 
     def get_xcrs(self) -> Any:
         return self._get("KVM_GET_XCRS", "struct kvm_xcrs *")
@@ -155,6 +212,9 @@ class Vcpu(FdObject):
         self.ioctl("KVM_SET_GUEST_DEBUG", dbg)
 
     def translate(self, linear_address: int) -> Translation:
+        """KVM_TRANSLATE. On x86 KVM reports ``writeable`` and ``usermode`` as constants, not
+        the page's permissions: code that must honour them walks the page tables itself
+        (``trivmm.cpu.paging``)."""
         tr = ffi.new("struct kvm_translation *", {"linear_address": linear_address})
         self.ioctl("KVM_TRANSLATE", tr)
         return Translation(tr.physical_address, bool(tr.valid), bool(tr.writeable), bool(tr.usermode))

@@ -4,23 +4,23 @@
         .text
         .globl _start
 _start:
-        mov     $0x500, %dx
+        mov     $0x520, %dx
         mov     $0x11, %al
-        out     %al, %dx                /* outb 0x11 -> 0x500 */
-        mov     $0x502, %dx
+        out     %al, %dx                /* outb 0x11 -> 0x520 */
+        mov     $0x522, %dx
         mov     $0x2233, %ax
-        out     %ax, %dx                /* outw -> 0x502 */
-        mov     $0x504, %dx
+        out     %ax, %dx                /* outw -> 0x522 */
+        mov     $0x524, %dx
         mov     $0x44556677, %eax
-        out     %eax, %dx               /* outl -> 0x504 */
-        mov     $0x500, %dx
+        out     %eax, %dx               /* outl -> 0x524 */
+        mov     $0x520, %dx
         xor     %eax, %eax
         in      %dx, %al
-        LOG     %eax                    /* inb 0x500 */
-        mov     $0x504, %dx
+        LOG     %eax                    /* inb 0x520 */
+        mov     $0x524, %dx
         in      %dx, %eax
-        LOG     %eax                    /* inl 0x504 */
-        mov     $0x520, %dx
+        LOG     %eax                    /* inl 0x524 */
+        mov     $0x540, %dx
         in      %dx, %eax
         LOG     %eax                    /* unclaimed: all ones */
         movl    $0xcafebabe, 0xd0000000 /* MMIO write */
@@ -28,7 +28,7 @@ _start:
         LOG     %eax
         mov     $msg, %esi              /* rep outsb: one exit, count 4 */
         mov     $4, %ecx
-        mov     $0x506, %dx
+        mov     $0x526, %dx
         rep outsb
         LOG     $0x600d
         POWER_OFF_NOW

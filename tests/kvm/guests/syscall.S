@@ -3,10 +3,6 @@
  * SYSCALLs. The entry logs 0x5c and the CPL it runs at; a page fault logs 0xeeee instead. */
         .include "common.inc"
         .include "long64.inc"
-        .set MSR_EFER, 0xc0000080
-        .set MSR_STAR, 0xc0000081
-        .set MSR_LSTAR, 0xc0000082
-        .set MSR_FMASK, 0xc0000084
         .code64
         .text
         .globl _start
@@ -14,23 +10,7 @@ _start:
         SETUP64 idt
         FILL_GATE idt+14*16, pf_handler
         USER_LOW_2M
-        mov     $MSR_EFER, %ecx
-        rdmsr
-        or      $1, %eax                /* SCE */
-        wrmsr
-        mov     $MSR_STAR, %ecx
-        xor     %eax, %eax
-        mov     $0x00180010, %edx       /* sysret base 0x18, syscall CS 0x10 */
-        wrmsr
-        mov     $MSR_LSTAR, %ecx
-        lea     syscall_entry(%rip), %rax
-        mov     %rax, %rdx
-        shr     $32, %rdx
-        wrmsr
-        mov     $MSR_FMASK, %ecx
-        mov     $0x200, %eax
-        xor     %edx, %edx
-        wrmsr
+        SYSCALL_MSRS syscall_entry, $0x200
         LOG     $0x1111
         push    $0x23                   /* SS */
         push    $0x8f00                 /* RSP */
@@ -64,10 +44,7 @@ idt_descriptor:
 
         .section .super, "ax"
 syscall_entry:
-        LOG     $0x5c
-        mov     %cs, %eax
-        and     $3, %eax
-        LOG     %eax                    /* CPL: 0 when SYSCALL really entered the kernel */
+        LOG_SYSCALL_ENTRY
         LOG     %edi
         POWER_OFF_NOW
 pf_handler:
