@@ -10,24 +10,26 @@
      KVM_RUN and one struct unpack per exit, nothing else), in a process of its own;
    - trivmm through its CLI, `python -m trivmm run --kernel <guest>`, the guest hammering
      port 0x70, the CMOS RTC index register that trivmm's own RTC model claims.
-   The Python floor and the CLI run the same guest binary (bench/guests/exit_marks.S): the
-   loop, with a byte written to the serial port every PER_MARK exits, which trivmm copies
-   to stdout and the Python floor writes itself. Both processes start before the first
-   round and are stopped (SIGSTOP) at their first byte: start-up is never timed. In each
-   round each is continued (SIGCONT) for SLICES slices, in turn, the other one stopped; a
-   slice's clock starts at a byte that arrives alone in a read (the first read after a
-   continue is dropped: it may hold a byte from before the stop) and ends at one that comes
-   MARKS_PER_SLICE or more bytes later, so every timed exit ran without a stop in between.
-   Wall time per exit is that span over its exits; process CPU per exit is the change over
-   the same span of the run time of all the process's threads (/proc/PID/task/*/schedstat).
-   Each round also runs the C floor on as many exits, and trivmm's run loop through the
-   Python API (in this process, a null device on port 0x12: the figure earlier versions of
-   this benchmark printed). The marks cost both Python processes the same (one exit per
-   PER_MARK, counted, and a pipe write), plus trivmm's UART model once per mark.
-   Ratios are taken per round (the host's exit cost drifts from second to second; a
-   round's runs are seconds apart) and reported as median and range over rounds. The C
-   floor figure shows what the host's exit costs; the Python floor what any CPython VMM
-   pays on top; trivmm CLI / Python floor is what trivmm's own exit path costs.
+   Each way gets the same number of exits per round (--exits, default 61440).
+   How the two Python processes are timed without their start-up: they run the same guest
+   (bench/guests/exit_marks.S: the loop, with one byte written to the serial port every
+   exits/3 exits, endlessly), which trivmm copies to stdout and the Python floor writes
+   itself. Both start before the first round and are stopped (SIGSTOP) at their first byte.
+   In a round each is continued (SIGCONT) three times, in turn, the other one stopped: from
+   the first byte after a continue to the next one is one timed slice, every exit of it run
+   without a stop in between; then it is stopped again, and bytes still in the pipe are
+   dropped. Wall time per exit is the slice's span over its exits; process CPU per exit
+   is the change over the same span of the run time of all the process's threads
+   (/proc/PID/task/*/schedstat). What the bytes add: one serial exit per slice in both
+   (counted), a pipe write, and trivmm's UART and console path once per ~0.2 s.
+   Each round also runs the C floor, and trivmm's run loop through the Python API (in
+   this process, a null device on port 0x12: the figure earlier versions of this
+   benchmark printed). Ratios are taken per round (the host's exit cost drifts from second
+   to second; a round's runs are seconds apart) and reported as median and range over
+   rounds. The C floor shows what the host's exit costs, the Python floor what any CPython
+   VMM pays on top, and trivmm CLI / Python floor what trivmm's own exit path costs. This
+   machine is shared: the wall ratio moves with other load (a busy neighbour inflates the
+   process with more code per exit more), the CPU ratio somewhat less.
 2. Start-up: process start to the first serial byte of `python -m trivmm run` (built-in
    guest), against a process that only imports trio, cffi and attrs; medians of several.
 3. (--linux) the small guest (PVH, 2 vCPUs) from process start to its init marker.
@@ -59,8 +61,7 @@ TEST_GUESTS = ROOT / "tests/kvm/guests"  # common.inc and the linker script of t
 MARKS_GUEST = Path(__file__).parent / "guests/exit_marks.S"
 RTC_INDEX_PORT = 0x70  # trivmm's CMOS RTC claims it (trivmm/devices/rtc.py)
 NULL_PORT = 0x12  # the API path's port, as in kvm_exit_floor.c
-PER_MARK = 4096  # exits per mark: PER_MARK - 1 loop exits and the mark's own
-SLICES = 3  # slices per process per round
+SLICES = 3  # slices per process per round, each from one mark to the next
 MAX_EXITS = 65535  # what kvm_exit_floor.c takes (its guest counts in CX)
 MARK_TIMEOUT = 30.0  # seconds without a mark before a process counts as hung
 ENDLESS = 1_000_000  # marks in the guest the Python floor and the CLI run (hours of exits)
@@ -81,11 +82,12 @@ def _process_cpu(pid: int) -> float:
     return total * 1e-9
 
 
-def assemble_marks_guest(out_dir: Path, port: int, marks: int) -> Path:
-    """bench/guests/exit_marks.S, its loop aimed at ``port``, as an ELF in ``out_dir``."""
-    name = f"exit_marks_{port:#x}_{marks}"
+def assemble_marks_guest(out_dir: Path, port: int, per_mark: int, marks: int) -> Path:
+    """bench/guests/exit_marks.S as an ELF in ``out_dir``: ``marks`` times ``per_mark`` exits
+    (the last of each a serial byte), the others to ``port``."""
+    name = f"exit_marks_{port:#x}_{per_mark}_{marks}"
     obj, elf = out_dir / f"{name}.o", out_dir / f"{name}.elf"
-    symbols = {"EXIT_PORT": port, "COUNT": PER_MARK - 1, "MARKS": marks}
+    symbols = {"EXIT_PORT": port, "COUNT": per_mark - 1, "MARKS": marks}
     defsyms = [arg for sym, value in symbols.items() for arg in ("--defsym", f"{sym}={value}")]
     subprocess.run(["as", "--64", "-I", str(TEST_GUESTS), *defsyms, "-o", str(obj), str(MARKS_GUEST)], check=True)
     subprocess.run(["ld", "-m", "elf_x86_64", "-T", str(TEST_GUESTS / "guest.ld"), "-n", "--build-id=none",
@@ -148,16 +150,17 @@ class Span:
 
 
 class MarkedProcess:
-    """A process whose guest writes a byte to stdout every PER_MARK exits, run and timed
+    """A process whose guest writes a byte to stdout every ``per_mark`` exits, run and timed
     in slices between SIGSTOPs (the module docstring says how)."""
 
-    def __init__(self, name: str, argv: list[str]) -> None:
+    def __init__(self, name: str, argv: list[str], per_mark: int) -> None:
         self.name = name
+        self.per_mark = per_mark
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, cwd=ROOT)
         assert self.proc.stdout is not None
         self._fd = self.proc.stdout.fileno()
         self._read()  # start-up done, the loop running
-        os.kill(self.proc.pid, signal.SIGSTOP)
+        self._stop()
 
     def _read(self) -> tuple[int, float, float]:
         """Wait for marks: (how many came in this read, wall clock, process CPU then)."""
@@ -169,24 +172,26 @@ class MarkedProcess:
             raise SystemExit(f"{self.name} ended early (exit status {self.proc.wait()})")
         return len(data), wall, _process_cpu(self.proc.pid)
 
-    def run_slice(self, marks: int) -> Span:
-        """Let the process run until ``marks`` marks after the one that starts the clock."""
+    def _stop(self) -> None:
+        """SIGSTOP, wait until every thread has stopped, and drop the marks still in the pipe."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + MARK_TIMEOUT
+        while not _all_stopped(self.proc.pid):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{self.name} does not stop")
+            time.sleep(0.0005)
+        while select.select([self._fd], [], [], 0)[0] and os.read(self._fd, 4096):
+            pass
+
+    def run_slice(self) -> Span:
+        """Continue the process from one mark to the next, and stop it again."""
         os.kill(self.proc.pid, signal.SIGCONT)
         try:
-            self._read()  # may hold a mark written before the stop
-            start: tuple[float, float] | None = None
-            counted = 0
-            while True:
-                n, wall, cpu = self._read()
-                if start is None:
-                    if n == 1:
-                        start = wall, cpu
-                    continue
-                counted += n
-                if counted >= marks and n == 1:
-                    return Span(wall - start[0], cpu - start[1], counted * PER_MARK)
+            _, wall0, cpu0 = self._read()  # the first mark since the continue starts the clock
+            marks, wall1, cpu1 = self._read()
+            return Span(wall1 - wall0, cpu1 - cpu0, marks * self.per_mark)
         finally:
-            os.kill(self.proc.pid, signal.SIGSTOP)
+            self._stop()
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -194,34 +199,45 @@ class MarkedProcess:
         self.proc.wait()
 
 
+def _all_stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is in the stopped state (T in /proc/PID/task/*/stat)."""
+    task_dir = f"/proc/{pid}/task"
+    for tid in os.listdir(task_dir):
+        with contextlib.suppress(OSError), open(f"{task_dir}/{tid}/stat") as f:
+            if f.read().rpartition(")")[2].split()[0] not in ("T", "t"):
+                return False
+    return True
+
+
 LABELS = {"c": "C floor (kvm_exit_floor.c, real mode)", "py": "Python floor (bench/pyfloor.py)",
           "cli": "trivmm CLI -> CMOS RTC, port 0x70", "api": "trivmm API -> null device, port 0x12"}  # fmt: skip
 
 
-def measure_exits(n: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
-    """Per round and way (LABELS' keys), (wall, CPU) seconds per exit over ``n`` exits."""
+def measure_exits(per_mark: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
+    """Per round and way (LABELS' keys), (wall, CPU) seconds per exit, over SLICES * per_mark
+    exits each."""
     if not FLOOR_SOURCE.exists():
         raise SystemExit(f"no {FLOOR_SOURCE}: set TRIVMM_EXIT_FLOOR_C")
-    marks_per_slice = n // (SLICES * PER_MARK)
+    n = SLICES * per_mark
     results: dict[str, list[tuple[float, float]]] = {key: [] for key in LABELS}
     with tempfile.TemporaryDirectory() as tmp_name, contextlib.ExitStack() as stack:
         tmp = Path(tmp_name)
         floor_binary = tmp / "kvm_exit_floor"
         subprocess.run([shutil.which("cc") or "gcc", "-O2", "-o", str(floor_binary), str(FLOOR_SOURCE)], check=True)
-        endless = str(assemble_marks_guest(tmp, RTC_INDEX_PORT, ENDLESS))
-        api_guest = assemble_marks_guest(tmp, NULL_PORT, n // PER_MARK)
-        run_trivmm(assemble_marks_guest(tmp, NULL_PORT, 1), PER_MARK)  # warm-up: imports, page faults
-        pyfloor = MarkedProcess("python floor", [sys.executable, "-m", "bench.pyfloor", endless, str(ENDLESS),
-                                                 str(PER_MARK)])  # fmt: skip
+        endless = str(assemble_marks_guest(tmp, RTC_INDEX_PORT, per_mark, ENDLESS))
+        api_guest = assemble_marks_guest(tmp, NULL_PORT, per_mark, SLICES)
+        run_trivmm(assemble_marks_guest(tmp, NULL_PORT, 1000, 1), 1000)  # warm-up: imports, page faults
+        argv = [sys.executable, "-m", "bench.pyfloor", endless, str(ENDLESS), str(per_mark)]
+        pyfloor = MarkedProcess("python floor", argv, per_mark)
         stack.callback(pyfloor.close)
-        cli = MarkedProcess("trivmm CLI", [sys.executable, "-m", "trivmm", "run", "--kernel", endless])
+        cli = MarkedProcess("trivmm CLI", [sys.executable, "-m", "trivmm", "run", "--kernel", endless], per_mark)
         stack.callback(cli.close)
         for _ in range(rounds):
             results["c"].append(run_floor(floor_binary, n))
             spans = {"py": Span(), "cli": Span()}
             for i in range(SLICES):  # py, cli, cli, py, py, cli...: neither always goes first
                 for key, proc in ((("py", pyfloor), ("cli", cli)) if i % 2 == 0 else (("cli", cli), ("py", pyfloor))):
-                    spans[key] += proc.run_slice(marks_per_slice)
+                    spans[key] += proc.run_slice()
             results["py"].append(spans["py"].per_exit())
             results["cli"].append(spans["cli"].per_exit())
             results["api"].append(run_trivmm(api_guest, n))
@@ -239,9 +255,9 @@ def _ratio_line(label: str, num: list[float], den: list[float], note: str = "") 
 
 
 def bench_exits(exits: int, rounds: int) -> None:
-    marks_per_slice = min(max(1, round(exits / (SLICES * PER_MARK))), MAX_EXITS // (SLICES * PER_MARK))
-    n = SLICES * marks_per_slice * PER_MARK
-    results = measure_exits(n, rounds)
+    per_mark = min(exits, MAX_EXITS) // SLICES
+    n = SLICES * per_mark
+    results = measure_exits(per_mark, rounds)
     walls = {key: [wall for wall, _ in rows] for key, rows in results.items()}
     cpus = {key: [cpu for _, cpu in rows] for key, rows in results.items()}
     print(f"PIO exit, {n} exits per way per round x {rounds} rounds; per exit, median [min..max] over rounds")
@@ -319,11 +335,10 @@ def bench_linux(vcpus: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    unit = SLICES * PER_MARK
     parser.add_argument("--exits", type=int, default=61440,
-                        help=f"exits per way per round, rounded to a multiple of {unit}, at most "
-                             f"{unit * (MAX_EXITS // unit)} (default 61440)")  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=9)
+                        help=f"exits per way per round, rounded down to a multiple of {SLICES}, at most "
+                             f"{MAX_EXITS} (default 61440)")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--linux", action="store_true", help="also time the small Linux guest's boot")
     args = parser.parse_args()
     print(f"trivmm benchmarks on {os.uname().nodename}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")

@@ -45,6 +45,7 @@ _RUN_EXIT_IO = struct.Struct("<I20xBBHIQ")
 _RUN_MMIO = struct.Struct("<Q8sIB")  # phys_addr, data, len, is_write at offset 32
 _MMIO_DATA_OFFSET = 40
 _HOOK_REFRESH_INTERVAL = 0.001  # at exits, while the hooks are unsettled
+_HOOK_REFRESH_AT_EXITS_FOR = 0.25  # ...and only this long after the loop starts (the VM's period)
 
 
 class StopReason(enum.Enum):
@@ -180,6 +181,12 @@ class VcpuRunner:
         io_offset = -1
         io_views: list[memoryview] = []
         hooks = self.hooks
+        # Refreshing at exits is for guests that change what hooks follow right at the
+        # start (tiny test guests set LSTAR and make a system call at once). It costs ~0.3 us
+        # per exit here (ioctls once a millisecond, the test on every exit), so a vCPU whose
+        # hooks stay unsettled longer (a 32-bit guest, or Linux until it sets LSTAR, long
+        # before its first system call) is left to the VM's periodic refresh.
+        refresh_until = monotonic() + _HOOK_REFRESH_AT_EXITS_FOR
         refresh_at_exits = not hooks.settled
         # Requests are not polled here: every request comes with a kick, which leaves
         # immediate_exit set until the EINTR branch below clears it and then looks. A
@@ -199,13 +206,14 @@ class VcpuRunner:
                     if self._refresh:
                         self._refresh = False
                         hooks.refresh()
-                        refresh_at_exits = not hooks.settled
+                        refresh_at_exits = not hooks.settled and monotonic() < refresh_until
                     continue
                 exits += 1
                 if refresh_at_exits and exits & 63 == 1 and monotonic() >= self._next_hook_refresh:
                     hooks.refresh()
-                    refresh_at_exits = not hooks.settled
-                    self._next_hook_refresh = monotonic() + _HOOK_REFRESH_INTERVAL
+                    now = monotonic()
+                    refresh_at_exits = not hooks.settled and now < refresh_until
+                    self._next_hook_refresh = now + _HOOK_REFRESH_INTERVAL
                 reason, direction, size, port, count, offset = unpack_exit(page, 8)
                 if reason == _EXIT_IO:
                     if count == 1:
