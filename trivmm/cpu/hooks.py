@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from trivmm.cpu.decode import MAX_INSTRUCTION_LENGTH, CpuMode, cpu_mode
-from trivmm.cpu.paging import PAGE_SIZE, Access, AccessKind, GuestFault, GuestView, Paging
 from trivmm.kvm.constants import EMULATION_FLAG_INSTRUCTION_BYTES
 from trivmm.kvm.vcpu import Vcpu
 from trivmm.memory import GuestMemory, GuestMemoryError
@@ -98,6 +96,11 @@ class UnhandledInstruction(Exception):
 def failed_instruction(vcpu: Vcpu, memory: GuestMemory, run: Any) -> tuple[int, bytes]:
     """RIP and up to 15 bytes of the instruction an emulation failure stopped at: from the
     exit when it carries them, else fetched at CS:RIP as the vCPU would, as far as it can."""
+    # Imported here: this runs only when a VM is about to stop, and a VM whose template has
+    # no quirks (stock KVM) need not pay for the decoder and the page walker at start-up.
+    from trivmm.cpu.decode import MAX_INSTRUCTION_LENGTH, CpuMode, cpu_mode
+    from trivmm.cpu.paging import PAGE_SIZE, Access, AccessKind, GuestFault, GuestView, Paging
+
     rip = int(vcpu.get_regs().rip)
     failure = run.emulation_failure
     if failure.ndata >= 1 and failure.flags & EMULATION_FLAG_INSTRUCTION_BYTES and failure.insn_size:

@@ -6,14 +6,15 @@ parts. A template with none gets the base ``VcpuHooks``, which handles nothing.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from trivmm.cpu.fallback import EmulationFallback, SyscallCompleter
 from trivmm.cpu.hooks import VcpuHooks
-from trivmm.cpu.paging import GuestView
 from trivmm.cpu.templates import CpuTemplate, Quirk
 from trivmm.kvm.vcpu import Vcpu
 from trivmm.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from trivmm.cpu.fallback import EmulationFallback, SyscallCompleter
 
 __all__ = ["QuirkHooks", "vcpu_hooks"]
 
@@ -60,6 +61,10 @@ def vcpu_hooks(template: CpuTemplate, vcpu: Vcpu, memory: GuestMemory) -> VcpuHo
     """The hooks ``template`` asks for, built for ``vcpu``."""
     if not template.quirks:
         return VcpuHooks()
+    # The fallback (decoder, page walker) is imported only for templates that use it.
+    from trivmm.cpu.fallback import EmulationFallback, SyscallCompleter
+    from trivmm.cpu.paging import GuestView
+
     view = GuestView(vcpu, memory)
     fallback = EmulationFallback(view) if Quirk.EMULATION_FALLBACK in template.quirks else None
     syscalls = SyscallCompleter(view) if Quirk.SYSCALL_COMPLETION in template.quirks else None
