@@ -35,6 +35,7 @@ from trivmm.cpu.quirks import vcpu_hooks
 from trivmm.cpu.setup import configure_vcpu, set_entry_state, vcpu_cpuid
 from trivmm.cpu.templates import CpuTemplate, get_template
 from trivmm.devices.acpi_pm import ACPI_PM_PORT, ACPI_PM_SIZE, AcpiPm
+from trivmm.devices.fifo import DropCounter
 from trivmm.devices.i8042 import I8042, I8042_DATA_PORT, KEYBOARD_IRQ
 from trivmm.devices.pvpanic import PVPANIC_PORT, PvPanic
 from trivmm.devices.rtc import RTC_PORT, CmosRtc
@@ -84,7 +85,12 @@ class _ConsoleBuffer:
         self._ready = trio.Event()
         self._closing = False
         self._sink_failed = False
-        self.dropped = 0
+        self._drops = DropCounter(_log, "console output")
+
+    @property
+    def dropped(self) -> int:
+        """Bytes of guest output dropped so far."""
+        return self._drops.dropped
 
     def __len__(self) -> int:
         with self._lock:
@@ -93,25 +99,20 @@ class _ConsoleBuffer:
     def __call__(self, data: bytes) -> None:
         with self._lock:
             if self._sink_failed:
-                self._count_dropped(len(data), "the console sink failed")
+                self._drops.add(len(data), "the console sink failed")
                 return
             was_empty = not self._data
             self._data += data
             excess = len(self._data) - self._limit
             if excess > 0:
                 del self._data[:excess]
-                self._count_dropped(excess, "the console sink is not keeping up")
+                self._drops.add(excess, "the console sink is not keeping up")
             token = self._token if was_empty else None
         if token is not None:
             token.run_sync_soon(self._wake)
 
     def _wake(self) -> None:
         self._ready.set()
-
-    def _count_dropped(self, count: int, reason: str) -> None:
-        before, self.dropped = self.dropped, self.dropped + count
-        if before == 0 or before.bit_length() != self.dropped.bit_length():
-            _log.warning("console: %d byte(s) of guest output dropped so far (%s)", self.dropped, reason)
 
     def close(self) -> None:
         """No more output is coming: ``drain_to`` returns once the buffer is empty."""
@@ -122,7 +123,7 @@ class _ConsoleBuffer:
         """Drop (and count) what is buffered: the sink is out of time, or -- ``for_good``
         -- gone, and what comes later is dropped too."""
         with self._lock:
-            self._count_dropped(len(self._data), reason)
+            self._drops.add(len(self._data), reason)
             self._data.clear()
             self._sink_failed = self._sink_failed or for_good
 
