@@ -25,8 +25,4 @@ user:
 
         .p2align 4
 idt:    .fill   16, 1, 0
-idt_end:
-idt_descriptor:
-        .word   idt_end - idt - 1
-        .quad   idt
-        GDT64
+        IDT_END_AND_GDT64

@@ -56,11 +56,7 @@ attempt: .quad  0
         .p2align 4
 idt:    .fill   14 * 16, 1, 0
         GATE    pf_handler
-idt_end:
-idt_descriptor:
-        .word   idt_end - idt - 1
-        .quad   idt
-        GDT64
+        IDT_END_AND_GDT64
 
         .section .super, "ax"
         .globl syscall_entry
@@ -69,13 +65,7 @@ syscall_entry:
         LOG     %edi
         POWER_OFF_NOW
 pf_handler:
-        LOG     $0xeeee
-        mov     (%rsp), %rbx
-        LOG     %ebx                    /* error code */
-        mov     %cr2, %rbx
-        LOG     %ebx
-        mov     8(%rsp), %rbx
-        LOG     %ebx                    /* faulting RIP */
+        LOG_PF_FRAME $0xeeee
         mov     attempt(%rip), %rbx
         cmp     $3, %rbx
         jae     1f

@@ -55,11 +55,7 @@ idt:    .fill   16, 1, 0
         GATE    db_handler              /* 1 */
         .fill   12 * 16, 1, 0
         GATE    pf_handler              /* 14 */
-idt_end:
-idt_descriptor:
-        .word   idt_end - idt - 1
-        .quad   idt
-        GDT64
+        IDT_END_AND_GDT64
 
         .section .super, "ax"
         .globl syscall_entry

@@ -47,13 +47,7 @@ gp_handler:
         add     $8, %rsp
         iretq
 pf_handler:
-        LOG     $0x0e
-        mov     (%rsp), %rbx
-        LOG     %ebx
-        mov     %cr2, %rbx
-        LOG     %ebx
-        mov     8(%rsp), %rbx
-        LOG     %ebx
+        LOG_PF_FRAME $0x0e
         add     $8, %rsp
         iretq
 
@@ -63,8 +57,4 @@ idt:    .fill   16, 1, 0
         .fill   11 * 16, 1, 0
         GATE    gp_handler              /* 13 */
         GATE    pf_handler              /* 14 */
-idt_end:
-idt_descriptor:
-        .word   idt_end - idt - 1
-        .quad   idt
-        GDT64
+        IDT_END_AND_GDT64

@@ -59,13 +59,7 @@ gp_handler:
         lea     step2(%rip), %rbx
         jmp     resume
 pf_handler:
-        LOG     $0x0e
-        mov     (%rsp), %rbx
-        LOG     %ebx
-        mov     %cr2, %rbx
-        LOG     %ebx
-        mov     8(%rsp), %rbx
-        LOG     %ebx
+        LOG_PF_FRAME $0x0e
         lea     step3(%rip), %rax
         lea     step4(%rip), %rbx
         cmpq    $store_read_only, 8(%rsp)
@@ -82,8 +76,4 @@ stored:     .long 0, 0
 idt:    .fill   13 * 16, 1, 0
         GATE    gp_handler              /* 13 */
         GATE    pf_handler              /* 14 */
-idt_end:
-idt_descriptor:
-        .word   idt_end - idt - 1
-        .quad   idt
-        GDT64
+        IDT_END_AND_GDT64

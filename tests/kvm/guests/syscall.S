@@ -36,11 +36,7 @@ user:
         .p2align 4
 idt:    .fill   14 * 16, 1, 0
         GATE    pf_handler
-idt_end:
-idt_descriptor:
-        .word   idt_end - idt - 1
-        .quad   idt
-        GDT64
+        IDT_END_AND_GDT64
 
         .section .super, "ax"
 syscall_entry:
