@@ -1,21 +1,31 @@
-"""trivmm: a virtual machine monitor for Linux KVM, on trio.
+"""trivmm: a virtual machine monitor for Linux KVM, for async Python under trio or asyncio.
 
-    import trio, trivmm
+    import anyio, trivmm
 
     async def main():
-        with trivmm.VM(trivmm.VmConfig(kernel="vmlinux", initrd="initrd.cpio", vcpus=2),
-                       console_output=print_bytes) as vm:
-            print(await vm.run())
+        async with trivmm.open_vm(trivmm.VmConfig(kernel="vmlinux", initrd="initrd.cpio")) as vm:
+            async for chunk in vm.console:      # the guest's serial output
+                print(chunk.decode(errors="replace"), end="")
+            print(await vm.wait())
 
-The public API is re-exported here; submodules are implementation.
+    anyio.run(main)                             # or trio.run(main), or asyncio.run(main())
+
+The public API is re-exported here; submodules are implementation. Errors: everything
+trivmm raises on purpose is a ``TrivmmError`` -- ``ConfigError`` (bad input, including
+``KernelImageError``), ``VmError`` (the VM failed; ``VcpuError`` names the vCPU) and
+``KvmError`` (the host's KVM refused, an ``OSError`` with its errno; ``KvmUnavailable``
+when /dev/kvm cannot be used).
 """
 
 from trivmm._threads import ensure_kick_handler as install_signal_handler
 from trivmm.boot.bzimage import KernelImageError
 from trivmm.config import VmConfig, parse_size
+from trivmm.console import ConsoleStream
 from trivmm.errors import ConfigError, TrivmmError, VcpuError, VmError
+from trivmm.kvm import KvmError, KvmUnavailable
 from trivmm.vcpu import StopReason
-from trivmm.vm import VM, VmExit
+from trivmm.vm import VM, VmExit, open_vm
 
-__all__ = ["VM", "VmConfig", "VmExit", "StopReason", "TrivmmError", "ConfigError", "VmError",
-           "VcpuError", "KernelImageError", "parse_size", "install_signal_handler"]  # fmt: skip
+__all__ = ["VM", "open_vm", "VmConfig", "VmExit", "StopReason", "ConsoleStream", "TrivmmError", "ConfigError",
+           "VmError", "VcpuError", "KernelImageError", "KvmError", "KvmUnavailable", "parse_size",
+           "install_signal_handler"]  # fmt: skip

@@ -21,7 +21,8 @@ import sys
 import termios
 from collections.abc import Iterator, Sequence
 
-import trio
+import anyio
+import anyio.abc
 
 __all__ = ["main"]
 
@@ -126,33 +127,47 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     with _guest_terminal(0):
-        return trio.run(main)
+        return anyio.run(main, backend="trio")
 
 
-class _RegularFileStream(trio.abc.ReceiveStream):
-    """stdin redirected from a regular file: epoll cannot watch those, so read in a thread."""
+class _FdReceiveStream(anyio.abc.ByteReceiveStream):
+    """stdin as a byte stream. A pipe or terminal is waited on through the event loop's
+    epoll; a regular file (which epoll cannot watch, and which is always "ready") is read
+    on a worker thread."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, pollable: bool) -> None:
         self._fd = fd
+        self._pollable = pollable
+        if pollable:
+            os.set_blocking(fd, False)
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await trio.to_thread.run_sync(os.read, self._fd, max_bytes or 4096)
+    async def receive(self, max_bytes: int = 4096) -> bytes:
+        if not self._pollable:
+            data = await anyio.to_thread.run_sync(os.read, self._fd, max_bytes)
+        else:
+            while True:
+                try:
+                    data = os.read(self._fd, max_bytes)
+                    break
+                except BlockingIOError:
+                    await anyio.wait_readable(self._fd)
+        if not data:
+            raise anyio.EndOfStream
+        return data
 
     async def aclose(self) -> None:
         os.close(self._fd)
 
 
-def _stdin_stream() -> trio.abc.ReceiveStream | None:
-    """stdin as a trio stream for the guest's serial port, or None if it is closed."""
+def _stdin_stream() -> anyio.abc.ByteReceiveStream | None:
+    """stdin as a stream for the guest's serial port, or None if it is closed."""
     if sys.stdin is None:  # fd 0 was closed at start-up; it may since hold another file
         return None
     try:
         mode = os.fstat(0).st_mode
     except OSError:
         return None
-    if stat.S_ISREG(mode):
-        return _RegularFileStream(os.dup(0))
-    return trio.lowlevel.FdStream(os.dup(0))
+    return _FdReceiveStream(os.dup(0), pollable=not stat.S_ISREG(mode))
 
 
 def _guest(args: argparse.Namespace) -> int:

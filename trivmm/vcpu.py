@@ -49,12 +49,14 @@ _HOOK_REFRESH_AT_EXITS_FOR = 0.25  # ...and only this long after the loop starts
 
 
 class StopReason(enum.Enum):
-    """Why a guest ended: it powered off, reset, halted, or reported a kernel panic."""
+    """Why a guest ended: it powered off, reset, halted, or reported a kernel panic; or the
+    host stopped it (``VM.stop()``, or leaving ``open_vm``'s block while it ran)."""
 
     POWER_OFF = "poweroff"
     RESET = "reset"
     HALT = "halt"
     PANIC = "panic"
+    STOPPED = "stopped"
 
 
 class _Request(enum.Enum):

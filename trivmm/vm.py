@@ -1,41 +1,63 @@
-"""``VM``: one guest — memory, devices, vCPU threads — owned by a trio nursery.
+"""``VM``: one guest -- memory, devices, vCPU threads -- run as a structured task, under
+trio or asyncio alike (the async code is written on anyio).
 
-    with trivmm.VM(trivmm.VmConfig(kernel="vmlinux", vcpus=2), console_output=sys.stdout.buffer.write) as vm:
-        result = await vm.run()        # returns when the guest powers off or resets
+    async with trivmm.open_vm(trivmm.VmConfig(kernel="vmlinux", vcpus=2)) as vm:
+        line = await vm.console.receive()       # guest output; vm.console.send() types
+        result = await vm.wait()                # the guest powered off, reset or panicked
+
+or, owning the task yourself:
+
+    with trivmm.VM(config, console_output=sys.stdout.buffer.write) as vm:
+        result = await vm.run()
 
 Building happens in the constructor (synchronous, fails fast on bad input and frees what it
 took); ``run()`` owns the vCPU threads and the device tasks and returns a ``VmExit``, or
 raises ``VmError``. Cancelling ``run()`` stops every vCPU before it returns; ``close()``
 (or leaving the ``with`` block) releases fds and memory, stopping vCPU threads that still
-run first: no thread ever runs on unmapped memory or closed fds.
+run first: no thread ever runs on unmapped memory or closed fds. ``open_vm`` does all of
+it: started on enter, torn down on exit (the guest stopped if it still runs), an error of
+the VM raised out of the ``async with`` as a task group would.
 
-Console output never blocks a vCPU: the UART appends to a bounded buffer (``_ConsoleBuffer``)
-and a task delivers it -- to a trio stream, or to a callable run on a worker thread. When the
-VM ends, for whatever reason (a failure or a cancellation included), what is still buffered
-is delivered before ``run()`` returns or raises, within ``CONSOLE_FLUSH_TIMEOUT``; bytes that
-could not be delivered are counted in ``VmExit.console_dropped``.
+Console output never blocks a vCPU: the UART appends to a bounded buffer
+(``trivmm.console``) and a task delivers it -- to a stream, or to a callable run on a
+worker thread -- or, with no ``console_output``, it waits for ``vm.console.receive()``.
+When the VM ends, for whatever reason (a failure or a cancellation included), what is still
+buffered is delivered before ``run()`` returns or raises, within ``CONSOLE_FLUSH_TIMEOUT``;
+bytes that could not be delivered are counted in ``VmExit.console_dropped``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import anyio
+import anyio.abc
+import anyio.lowlevel
 import attrs
-import trio
 
-from trivmm._threads import ensure_kick_handler, run_in_owned_thread
+from trivmm._threads import LoopCaller, ensure_kick_handler, run_in_owned_thread
 from trivmm.boot.layout import ram_ranges
 from trivmm.boot.loader import BootEntry, check_kernel, load_kernel
 from trivmm.bus import MMIO_LIMIT, PIO_LIMIT, AddressSpace
 from trivmm.config import VmConfig
+from trivmm.console import (
+    CONSOLE_BUFFER_LIMIT,
+    ConsoleBuffer,
+    ConsoleInput,
+    ConsoleOutput,
+    ConsoleStream,
+    console_delivery,
+    console_receiver,
+    feed_serial,
+)
 from trivmm.cpu.quirks import vcpu_hooks
 from trivmm.cpu.setup import configure_vcpu, set_entry_state, vcpu_cpuid
 from trivmm.cpu.templates import CpuTemplate, get_template
 from trivmm.devices.acpi_pm import ACPI_PM_PORT, ACPI_PM_SIZE, AcpiPm
-from trivmm.devices.fifo import DropCounter
 from trivmm.devices.i8042 import I8042, I8042_DATA_PORT, KEYBOARD_IRQ
 from trivmm.devices.pvpanic import PVPANIC_PORT, PvPanic
 from trivmm.devices.rtc import RTC_PORT, CmosRtc
@@ -47,10 +69,9 @@ from trivmm.kvm.vm import Vm
 from trivmm.memory import GuestMemory
 from trivmm.vcpu import StopReason, VcpuRunner
 
-__all__ = ["VM", "VmExit", "ConsoleOutput", "CONSOLE_BUFFER_LIMIT", "CONSOLE_FLUSH_TIMEOUT"]
+__all__ = ["VM", "VmExit", "open_vm", "ConsoleOutput", "ConsoleInput", "CONSOLE_BUFFER_LIMIT",
+           "CONSOLE_FLUSH_TIMEOUT"]  # fmt: skip
 
-ConsoleOutput = Callable[[bytes], None] | trio.abc.SendStream | None
-CONSOLE_BUFFER_LIMIT = 1 << 20  # bytes of console output held while the sink lags
 CONSOLE_FLUSH_TIMEOUT = 5.0  # seconds the end of a VM waits for its console to take the rest
 VCPU_STOP_TIMEOUT = 10.0  # seconds close() waits for running vCPU threads to stop
 _log = logging.getLogger(__name__)
@@ -60,112 +81,19 @@ _QUIRK_REFRESH_SLOW = 2.0
 
 @attrs.frozen
 class VmExit:
-    """How a VM ended: the guest powered off, reset, halted or panicked; with the number of
-    exits its vCPUs took and the console bytes that could not be delivered."""
+    """How a VM ended: the guest powered off, reset, halted or panicked, or the host stopped
+    it; with the number of exits its vCPUs took and the console bytes that were dropped."""
 
     reason: StopReason
     exits: int
     console_dropped: int = 0
 
 
-class _ConsoleBuffer:
-    """Guest console output on its way from the vCPU threads to a delivering task.
-
-    Appending never blocks (the UART calls it on a vCPU thread, under its lock). The buffer
-    holds at most ``limit`` bytes: past that the *oldest* bytes are dropped and counted, so
-    the most recent output -- the panic message a user needs -- is what survives a stalled
-    sink. The delivering task wakes through the trio token when the buffer turns non-empty.
-    """
-
-    def __init__(self, limit: int = CONSOLE_BUFFER_LIMIT) -> None:
-        self._lock = threading.Lock()
-        self._data = bytearray()
-        self._limit = limit
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._ready = trio.Event()
-        self._closing = False
-        self._sink_failed = False
-        self._drops = DropCounter(_log, "console output")
-
-    @property
-    def dropped(self) -> int:
-        """Bytes of guest output dropped so far."""
-        return self._drops.dropped
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._data)
-
-    def __call__(self, data: bytes) -> None:
-        with self._lock:
-            if self._sink_failed:
-                self._drops.add(len(data), "the console sink failed")
-                return
-            was_empty = not self._data
-            self._data += data
-            excess = len(self._data) - self._limit
-            if excess > 0:
-                del self._data[:excess]
-                self._drops.add(excess, "the console sink is not keeping up")
-            token = self._token if was_empty else None
-        if token is not None:
-            token.run_sync_soon(self._wake)
-
-    def _wake(self) -> None:
-        self._ready.set()
-
-    def close(self) -> None:
-        """No more output is coming: ``drain_to`` returns once the buffer is empty."""
-        self._closing = True
-        self._ready.set()
-
-    def discard(self, reason: str, *, for_good: bool = False) -> None:
-        """Drop (and count) what is buffered: the sink is out of time, or -- ``for_good``
-        -- gone, and what comes later is dropped too."""
-        with self._lock:
-            self._drops.add(len(self._data), reason)
-            self._data.clear()
-            self._sink_failed = self._sink_failed or for_good
-
-    async def drain_to(self, deliver: Callable[[bytes], Awaitable[None]]) -> None:
-        """Hand buffered output to ``deliver`` until ``close()`` and empty."""
-        self._token = trio.lowlevel.current_trio_token()
-        while True:
-            with self._lock:
-                chunk = bytes(self._data)
-                self._data.clear()
-                if not chunk and not self._closing:
-                    self._ready = trio.Event()
-            if chunk:
-                await deliver(chunk)
-            elif self._closing:
-                return
-            else:
-                await self._ready.wait()
-
-
-def _console_delivery(output: ConsoleOutput) -> Callable[[bytes], Awaitable[None]] | None:
-    """How the console task hands output to the user's sink: a stream's ``send_all``, or
-    the callable on a worker thread (so a blocking write stalls that thread, never a vCPU
-    or the event loop)."""
-    if output is None:
-        return None
-    if isinstance(output, trio.abc.SendStream):
-        return output.send_all
-    write = output
-
-    async def deliver(chunk: bytes) -> None:
-        await trio.to_thread.run_sync(write, chunk, abandon_on_cancel=True)
-
-    return deliver
-
-
 class VM:
     """A virtual machine on /dev/kvm. See the module docstring."""
 
     def __init__(self, config: VmConfig, *, console_output: ConsoleOutput = None,
-                 console_input: trio.abc.ReceiveStream | None = None,
-                 kvm_path: str = "/dev/kvm") -> None:  # fmt: skip
+                 console_input: ConsoleInput = None, kvm_path: str = "/dev/kvm") -> None:  # fmt: skip
         self.config = config
         try:
             self.template: CpuTemplate = get_template(config.cpu_template)
@@ -174,13 +102,12 @@ class VM:
         kernel = config.read_kernel()
         check_kernel(kernel)  # bad input is reported as such, before any KVM resource is taken
         initrd = config.read_initrd()
-        if console_output is not None and not (callable(console_output)
-                                               or isinstance(console_output, trio.abc.SendStream)):  # fmt: skip
-            raise ConfigError("console_output must be a callable taking bytes or a trio SendStream")
-        self._console_delivery = _console_delivery(console_output)
-        self._console_buffer = _ConsoleBuffer()
-        sink: Callable[[bytes], None] = self._console_buffer if self._console_delivery else _discard
-        self._console_input = console_input
+        try:
+            self._console_delivery = console_delivery(console_output)
+            self._console_receive = console_receiver(console_input)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+        self._console_buffer = ConsoleBuffer()
         # Lifecycle: vCPU threads register here before they touch KVM; close() refuses new
         # ones and stops (and waits for) those that run.
         self._lifecycle = threading.Lock()
@@ -188,20 +115,24 @@ class VM:
         self._vcpu_threads_done: dict[int, threading.Event] = {}
         self._stop_lock = threading.Lock()
         self._stop_reason: StopReason | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
+        self._caller: LoopCaller | None = None
         self._paused: set[int] = set()
-        self._pause_done: trio.Event | None = None
+        self._pause_done: anyio.Event | None = None
         self._ran = False
+        self._finished: anyio.Event | None = None
+        self._outcome: VmExit | BaseException | None = None
         self.kvm = Kvm(kvm_path)
         self.vm: Vm | None = None
         self.memory: GuestMemory | None = None
         self.vcpus: list[Vcpu] = []
         self.runners: list[VcpuRunner] = []
         try:
-            self._build(kernel, initrd, sink)
+            self._build(kernel, initrd, self._console_buffer)
         except BaseException:
             self.close()
             raise
+        self.console = ConsoleStream(None if self._console_delivery else self._console_buffer, self.serial,
+                                     self._accepts_input)  # fmt: skip
 
     # --- construction -------------------------------------------------------------------
     def _build(self, kernel: bytes, initrd: bytes | None, sink: Callable[[bytes], None]) -> None:
@@ -247,7 +178,7 @@ class VM:
             if self.vm is not None:
                 self.vm.irq_line(irq, level)
 
-    # --- guest-initiated stop (vCPU threads) ---------------------------------------------
+    # --- stopping (guest-initiated on vCPU threads; host-initiated by stop()) ----------
     def _guest_stopped(self, reason: StopReason) -> None:
         with self._stop_lock:
             if self._stop_reason is None:
@@ -264,31 +195,70 @@ class VM:
     def _panicked(self) -> None:
         self._guest_stopped(StopReason.PANIC)
 
+    async def stop(self) -> VmExit:
+        """Stop the guest where it is (as pulling the plug) and wait for ``run()`` to end;
+        return how it ended (``StopReason.STOPPED``, unless the guest got there first)."""
+        self._guest_stopped(StopReason.STOPPED)
+        return await self.wait()
+
+    async def wait(self) -> VmExit:
+        """Wait for the VM started by ``run()`` (or ``open_vm``) to end; return its
+        ``VmExit`` or raise its error."""
+        if not self._ran:
+            raise VmError("the VM is not running: start it with run() or open_vm()")
+        await self._finished_event().wait()
+        outcome = self._outcome
+        if isinstance(outcome, (TrivmmError, KvmError)):
+            raise outcome  # the same error run() raised, as a future's result() does
+        if isinstance(outcome, BaseException):
+            raise VmError(f"the VM's run() ended with {type(outcome).__name__}") from None
+        assert outcome is not None
+        return outcome
+
+    def _finished_event(self) -> anyio.Event:
+        if self._finished is None:
+            self._finished = anyio.Event()
+        return self._finished
+
     # --- running ------------------------------------------------------------------------
-    async def run(self) -> VmExit:
-        """Run until the guest powers off, resets, halts or panics; raise ``VmError`` on
-        failure. The console's last output is delivered in every case (see the module
-        docstring)."""
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> VmExit:
+        """Run until the guest powers off, resets, halts or panics, or ``stop()``; raise
+        ``VmError`` on failure. The console's last output is delivered in every case (see
+        the module docstring). ``task_group.start(vm.run)`` returns once it runs."""
         if self._ran:
             raise VmError("a VM runs once; build a new VM to boot again")
         if self.vm is None:
             raise VmError("VM is closed")
         ensure_kick_handler()
         self._ran = True
-        self._token = trio.lowlevel.current_trio_token()
+        finished = self._finished_event()
+        self._caller = LoopCaller.current()
+        task_status.started()
+        try:
+            result = await self._run_with_console()
+        except BaseException as exc:
+            self._outcome = exc
+            raise
+        else:
+            self._outcome = result
+            return result
+        finally:
+            finished.set()
+
+    async def _run_with_console(self) -> VmExit:
         # The console task runs in a shielded scope of its own: neither a failing vCPU nor
         # the caller's cancellation cuts it off; it ends when the buffer is closed and empty,
         # or at the flush deadline set once the guest has stopped.
-        console_scope = trio.CancelScope(shield=True)
+        console_scope = anyio.CancelScope(shield=True)
         try:
-            async with trio.open_nursery() as console:
+            async with anyio.create_task_group() as console:
                 if self._console_delivery is not None:
                     console.start_soon(self._deliver_console, self._console_delivery, console_scope)
                 try:
                     await self._run_guest()
                 finally:
                     self._console_buffer.close()
-                    console_scope.deadline = trio.current_time() + CONSOLE_FLUSH_TIMEOUT
+                    console_scope.deadline = anyio.current_time() + CONSOLE_FLUSH_TIMEOUT
         except BaseExceptionGroup as group:
             raise _collapse(group) from None
         exits = sum(r.exits for r in self.runners)
@@ -296,7 +266,7 @@ class VM:
             raise VmError("the VM was closed while it was running")
         return VmExit(self._stop_reason, exits, self._console_buffer.dropped)
 
-    async def _deliver_console(self, deliver: Callable[[bytes], Awaitable[None]], scope: trio.CancelScope) -> None:
+    async def _deliver_console(self, deliver: Callable[[bytes], Awaitable[None]], scope: anyio.CancelScope) -> None:
         """Console output to the user's sink. A sink that breaks or stalls past the flush
         deadline loses output (counted), never the VM."""
         buffer = self._console_buffer
@@ -311,12 +281,12 @@ class VM:
 
     async def _run_guest(self) -> None:
         """The vCPU threads and the service tasks, until every vCPU has stopped."""
-        async with trio.open_nursery() as services:
-            if self._console_input is not None:
-                services.start_soon(self._pump_console_input, self._console_input)
+        async with anyio.create_task_group() as services:
+            if self._console_receive is not None:
+                services.start_soon(self._pump_console_input, self._console_receive)
             if any(r.hooks.wants_refresh for r in self.runners):
                 services.start_soon(self._refresh_quirk_hooks)
-            async with trio.open_nursery() as vcpu_tasks:
+            async with anyio.create_task_group() as vcpu_tasks:
                 for runner in self.runners:
                     name = f"trivmm-vcpu{runner.index}"
                     thread = functools.partial(self._vcpu_thread, runner)
@@ -335,21 +305,28 @@ class VM:
         finally:
             done.set()
 
-    async def _pump_console_input(self, stream: trio.abc.ReceiveStream) -> None:
+    def _accepts_input(self) -> bool:
+        return not self._closed
+
+    async def _pump_console_input(self, receive: Callable[[], Awaitable[bytes]]) -> None:
         """Host -> guest serial input. End of input, or a broken input, ends the pump only:
         the guest runs on without a keyboard."""
         while True:
             try:
-                data = await stream.receive_some(4096)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = await receive()
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                _log.info("console input ended: %s", exc or type(exc).__name__)
                 return
+            except Exception as exc:  # trio's own stream errors, without importing trio
+                if type(exc).__name__ in ("BrokenResourceError", "ClosedResourceError"):
+                    return
+                raise
             if not data:
                 return
-            while data:
-                taken = self.serial.enqueue_input(data)
-                data = data[taken:]
-                if data:
-                    await trio.sleep(0.005)  # the guest drains its FIFO on interrupts
+            try:
+                await feed_serial(self.serial, data, self._accepts_input)
+            except anyio.ClosedResourceError:
+                return
 
     async def _refresh_quirk_hooks(self) -> None:
         """Periodically have each vCPU refresh its host-quirk hooks (``VcpuHooks.refresh``):
@@ -358,12 +335,12 @@ class VM:
             for runner in self.runners:
                 runner.request_refresh()
             settled = all(r.hooks.settled for r in self.runners)
-            await trio.sleep(_QUIRK_REFRESH_SLOW if settled else _QUIRK_REFRESH_FAST)
+            await anyio.sleep(_QUIRK_REFRESH_SLOW if settled else _QUIRK_REFRESH_FAST)
 
     # --- pause and resume -----------------------------------------------------------------
     def _paused_changed(self, index: int, paused: bool) -> None:
-        if self._token is not None:
-            self._token.run_sync_soon(self._note_paused, index, paused)
+        if self._caller is not None:
+            self._caller.call_soon(self._note_paused, index, paused)
 
     def _note_paused(self, index: int, paused: bool) -> None:
         if paused:
@@ -375,19 +352,33 @@ class VM:
 
     async def pause(self) -> None:
         """Stop every vCPU at an instruction boundary; return once all are parked."""
-        self._pause_done = trio.Event()
+        if not self._ran or self._finished_event().is_set():
+            raise VmError("only a running VM can be paused")
+        self._pause_done = done = anyio.Event()
         for runner in self.runners:
             runner.request_pause()
-        await self._pause_done.wait()
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                async def ended() -> None:
+                    await self._finished_event().wait()
+                    scope.cancel()
+                tg.start_soon(ended)
+                await done.wait()
+                tg.cancel_scope.cancel()
+        if not done.is_set():
+            raise VmError("the VM ended before it could be paused")
 
     async def resume(self) -> None:
+        """Let paused vCPUs run on (``paused`` is False from here on)."""
         self._pause_done = None
         for runner in self.runners:
             runner.request_resume()
+        self._paused.clear()  # their own "running again" notes, still on their way, agree
+        await anyio.lowlevel.checkpoint()
 
     @property
     def paused(self) -> bool:
-        return len(self._paused) == len(self.runners)
+        return bool(self.runners) and len(self._paused) == len(self.runners)
 
     # --- teardown -----------------------------------------------------------------------
     def close(self) -> None:
@@ -428,23 +419,61 @@ class VM:
         self.close()
 
 
-def _discard(data: bytes) -> None:
-    """A console sink for a VM nobody listens to."""
-
-
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
     out: list[BaseException] = []
     for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+        for leaf in _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]:
+            if not any(leaf is seen for seen in out):
+                out.append(leaf)
     return out
 
 
 def _collapse(group: BaseExceptionGroup) -> BaseException:
-    """One error for the caller: Ctrl-C first, then trivmm's own errors, then KVM's."""
+    """One error for the caller out of a task group's: a cancellation when that is all
+    there is; the one error when there is one; else Ctrl-C first, then trivmm's own errors,
+    then KVM's; else the group."""
+    cancelled = anyio.get_cancelled_exc_class()
     leaves = _leaves(group)
+    errors = [exc for exc in leaves if not isinstance(exc, cancelled)]
+    if not errors:
+        return leaves[0]
+    if len(errors) == 1:
+        errors[0].__context__ = group
+        return errors[0]
     for kind in (KeyboardInterrupt, TrivmmError, KvmError):
-        for exc in leaves:
+        for exc in errors:
             if isinstance(exc, kind):
                 exc.__context__ = group
                 return exc
     return group
+
+
+@contextlib.asynccontextmanager
+async def open_vm(config: VmConfig, *, console_output: ConsoleOutput = None, console_input: ConsoleInput = None,
+                  kvm_path: str = "/dev/kvm") -> AsyncIterator[VM]:  # fmt: skip
+    """A running VM as a structured task: built and started on enter, torn down on exit.
+
+        async with trivmm.open_vm(config) as vm:
+            print(await vm.console.receive())
+            result = await vm.wait()
+
+    Leaving the block stops a guest that still runs (``StopReason.STOPPED``) and releases
+    every thread, fd and byte of guest memory before the ``async with`` ends. A VM that
+    fails cancels the block and its error is raised from the ``async with``; cancelling the
+    caller's scope tears the VM down the same way. Works under trio and asyncio.
+    """
+    vm = VM(config, console_output=console_output, console_input=console_input, kvm_path=kvm_path)
+    try:
+        async with anyio.create_task_group() as task_group:
+            await task_group.start(vm.run)
+            try:
+                yield vm
+            finally:
+                vm._guest_stopped(StopReason.STOPPED)  # no-op when the guest already ended
+    except BaseExceptionGroup as group:
+        raise _collapse(group) from None
+    finally:
+        # Tearing a VM down in the host kernel takes milliseconds (more on a nested host):
+        # on a worker thread, so that other VMs and the service's tasks go on meanwhile.
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(vm.close)

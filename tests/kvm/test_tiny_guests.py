@@ -219,7 +219,7 @@ def test_ctrl_c_stops_the_cli_cleanly(tmp_path: Path) -> None:
 
 
 def _wait_for_vcpu_thread(pid: int, timeout: float = 30.0) -> None:
-    """Wait until process ``pid`` runs a vCPU thread (trio names OS threads after their task)."""
+    """Wait until process ``pid`` runs a vCPU thread (trivmm names its vCPU threads)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for comm in Path(f"/proc/{pid}/task").glob("*/comm"):

@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trivmm.bus import AddressSpace
+from trivmm.console import ConsoleBuffer
 from trivmm.devices.acpi_pm import ACPI_PM_SIZE, AcpiPm
 from trivmm.devices.i8042 import I8042, OUTPUT_FIFO_SIZE
 from trivmm.devices.pvpanic import PvPanic
 from trivmm.devices.rtc import CmosRtc
 from trivmm.devices.serial import FIFO_SIZE, Serial
-from trivmm.vm import _ConsoleBuffer
 
 BASE = 0x100
 CONSOLE_LIMIT = 256
@@ -63,7 +63,7 @@ def _drive(device: object, size: int, ops: list[tuple[bool, int, int, int]]) -> 
 @given(accesses)
 def test_uart_under_hostile_registers(ops: list[tuple[bool, int, int, int]]) -> None:
     events = Events()
-    console = _ConsoleBuffer(limit=CONSOLE_LIMIT)
+    console = ConsoleBuffer(limit=CONSOLE_LIMIT)
     uart = Serial(console, events.levels.append)
     _drive(uart, 8, ops)
     uart.enqueue_input(b"k" * 1000)  # the host side cannot overfill it either
@@ -115,7 +115,7 @@ def test_an_i8042_command_flood_costs_bounded_memory() -> None:
 
 
 def test_console_buffer_keeps_the_newest_bytes_and_counts_the_rest() -> None:
-    buffer = _ConsoleBuffer(limit=1000)
+    buffer = ConsoleBuffer(limit=1000)
     for i in range(3000):
         buffer(bytes([i & 0xFF]))
     assert len(buffer) == 1000 and buffer.dropped == 2000

@@ -6,14 +6,16 @@ import errno
 import os
 from typing import Any
 
+from trivmm.errors import TrivmmError
 from trivmm.kvm._ffi import IOCTLS, ffi, libc
 from trivmm.kvm.constants import Cap
 
 __all__ = ["KvmError", "KvmUnavailable", "MissingCapability", "FdObject", "ULONG"]
 
 
-class KvmError(OSError):
-    """An ioctl on a KVM file descriptor failed; the message names the ioctl."""
+class KvmError(TrivmmError, OSError):
+    """An ioctl on a KVM file descriptor failed; the message names the ioctl (an
+    ``OSError`` with its errno, and one of trivmm's own errors)."""
 
     def __init__(self, request: str, err: int, detail: str = "") -> None:
         message = f"{request} failed: {os.strerror(err)}" + (f" ({detail})" if detail else "")
