@@ -32,7 +32,8 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -121,6 +122,7 @@ class VM:
         self._ran = False
         self._finished: anyio.Event | None = None
         self._outcome: VmExit | BaseException | None = None
+        self._services: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self.kvm = Kvm(kvm_path)
         self.vm: Vm | None = None
         self.memory: GuestMemory | None = None
@@ -165,6 +167,14 @@ class VM:
                 set_entry_state(vcpu, self.boot)
             self.runners.append(VcpuRunner(vcpu, memory, self.pio, self.mmio, self._guest_stopped,
                                            self._paused_changed, vcpu_hooks(self.template, vcpu, memory)))  # fmt: skip
+
+    def add_service(self, service: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``service()`` as a task of the VM while its vCPUs run (a device backend
+        awaiting its eventfds): started by ``run()``, cancelled when the vCPUs have stopped.
+        An exception from it fails the VM."""
+        if self._ran:
+            raise VmError("services are added before the VM runs")
+        self._services.append(service)
 
     @property
     def cmdline(self) -> str:
@@ -286,6 +296,8 @@ class VM:
                 services.start_soon(self._pump_console_input, self._console_receive)
             if any(r.hooks.wants_refresh for r in self.runners):
                 services.start_soon(self._refresh_quirk_hooks)
+            for service in self._services:
+                services.start_soon(service)
             async with anyio.create_task_group() as vcpu_tasks:
                 for runner in self.runners:
                     name = f"trivmm-vcpu{runner.index}"
@@ -462,7 +474,13 @@ async def open_vm(config: VmConfig, *, console_output: ConsoleOutput = None, con
     fails cancels the block and its error is raised from the ``async with``; cancelling the
     caller's scope tears the VM down the same way. Works under trio and asyncio.
     """
-    vm = VM(config, console_output=console_output, console_input=console_input, kvm_path=kvm_path)
+    # Building takes a few KVM ioctls that wait in the host kernel (memory slots, irqchip:
+    # milliseconds on a nested host): on a worker thread, so the loop and other VMs go on and
+    # many VMs can be built at once. Shielded: a VM built is a VM closed below.
+    build = functools.partial(VM, config, console_output=console_output, console_input=console_input,
+                              kvm_path=kvm_path)  # fmt: skip
+    with anyio.CancelScope(shield=True):
+        vm = await anyio.to_thread.run_sync(build)
     try:
         async with anyio.create_task_group() as task_group:
             await task_group.start(vm.run)
