@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 __all__ = ["main"]
 
@@ -116,8 +117,13 @@ def _run(args: argparse.Namespace) -> int:
     config = VmConfig(kernel=args.kernel, initrd=args.initrd, append=args.append, memory=args.memory,
                       vcpus=args.vcpus, cpu_template=args.cpu_template, boot_protocol=args.boot_protocol)  # fmt: skip
     async def main() -> int:
-        with VM(config, console_output=_write_stdout, console_input=_stdin_stream()) as vm:
-            result = await vm.run()
+        stdin = _stdin_stream()
+        try:
+            with VM(config, console_output=_write_stdout, console_input=stdin) as vm:
+                result = await vm.run()
+        finally:
+            if stdin is not None:
+                stdin.close()
         if result.console_dropped:
             print(f"trivmm: {result.console_dropped} bytes of console output were dropped "
                   "(stdout did not keep up)", file=sys.stderr)  # fmt: skip
@@ -138,8 +144,22 @@ class _FdReceiveStream(anyio.abc.ByteReceiveStream):
     def __init__(self, fd: int, *, pollable: bool) -> None:
         self._fd = fd
         self._pollable = pollable
+        # O_NONBLOCK is a property of the open file, which this dup shares with the
+        # terminal or pipe the shell gave us: put it back in close().
+        self._was_blocking = os.get_blocking(fd)
         if pollable:
             os.set_blocking(fd, False)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            try:
+                anyio.notify_closing(fd)
+            except RuntimeError:
+                pass
+            if self._pollable:
+                os.set_blocking(fd, self._was_blocking)
+            os.close(fd)
 
     async def receive(self, max_bytes: int = 4096) -> bytes:
         if not self._pollable:
@@ -156,10 +176,11 @@ class _FdReceiveStream(anyio.abc.ByteReceiveStream):
         return data
 
     async def aclose(self) -> None:
-        os.close(self._fd)
+        self.close()
+        await anyio.lowlevel.checkpoint()
 
 
-def _stdin_stream() -> anyio.abc.ByteReceiveStream | None:
+def _stdin_stream() -> _FdReceiveStream | None:
     """stdin as a stream for the guest's serial port, or None if it is closed."""
     if sys.stdin is None:  # fd 0 was closed at start-up; it may since hold another file
         return None

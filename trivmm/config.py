@@ -9,10 +9,11 @@ import attrs
 
 from trivmm.errors import ConfigError
 
-__all__ = ["VmConfig", "parse_size", "DEFAULT_LINUX_CMDLINE", "MAX_VCPUS"]
+__all__ = ["VmConfig", "parse_size", "DEFAULT_LINUX_CMDLINE", "MAX_VCPUS", "BOOT_PROTOCOLS"]
 
 MAX_VCPUS = 64
 DEFAULT_LINUX_CMDLINE = "console=ttyS0 reboot=k io_delay=none"
+BOOT_PROTOCOLS = ("auto", "linux64", "pvh")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -42,6 +43,20 @@ def _vcpus(value: int) -> int:
     return value
 
 
+def _cpu_template(value: str) -> str:
+    from trivmm.cpu.templates import TEMPLATES
+
+    if value != "auto" and value not in TEMPLATES:
+        raise ConfigError(f"unknown CPU template {value!r} (auto, {', '.join(TEMPLATES)})")
+    return value
+
+
+def _boot_protocol(value: str) -> str:
+    if value not in BOOT_PROTOCOLS:
+        raise ConfigError(f"unknown boot protocol {value!r} ({', '.join(BOOT_PROTOCOLS)})")
+    return value
+
+
 def _path(value: str | Path | None) -> Path | None:
     return None if value is None else Path(value)
 
@@ -55,8 +70,8 @@ class VmConfig:
     append: str = ""
     memory: int = attrs.field(default=128 << 20, converter=_memory)
     vcpus: int = attrs.field(default=1, converter=_vcpus)
-    cpu_template: str = "auto"
-    boot_protocol: str = "auto"
+    cpu_template: str = attrs.field(default="auto", converter=_cpu_template)
+    boot_protocol: str = attrs.field(default="auto", converter=_boot_protocol)
     cmdline_base: str = DEFAULT_LINUX_CMDLINE
 
     def read_kernel(self) -> bytes:

@@ -182,11 +182,12 @@ def console_receiver(stream: ConsoleInput) -> Callable[[], Awaitable[bytes]] | N
 
 
 async def feed_serial(serial: Serial, data: bytes, is_open: Callable[[], bool]) -> None:
-    """Put all of ``data`` in the UART's receive FIFO, waiting while the guest drains it."""
+    """Put all of ``data`` in the UART's receive FIFO, waiting while the guest drains it;
+    ``anyio.BrokenResourceError`` once the guest can no longer take it."""
     view = memoryview(data)
     while view:
         if not is_open():
-            raise anyio.ClosedResourceError
+            raise anyio.BrokenResourceError("the guest has stopped: it takes no more input")
         taken = serial.enqueue_input(bytes(view))
         view = view[taken:]
         if view:

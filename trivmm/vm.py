@@ -318,7 +318,8 @@ class VM:
             done.set()
 
     def _accepts_input(self) -> bool:
-        return not self._closed
+        """Whether the guest may still read serial input: it runs, or has yet to start."""
+        return not self._closed and not (self._finished is not None and self._finished.is_set())
 
     async def _pump_console_input(self, receive: Callable[[], Awaitable[bytes]]) -> None:
         """Host -> guest serial input. End of input, or a broken input, ends the pump only:
@@ -326,18 +327,14 @@ class VM:
         while True:
             try:
                 data = await receive()
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                _log.info("console input ended: %s", exc or type(exc).__name__)
+            except Exception as exc:  # a closed or broken stream (anyio's, trio's, an OSError)
+                _log.info("console input ended: %s: %s", type(exc).__name__, exc)
                 return
-            except Exception as exc:  # trio's own stream errors, without importing trio
-                if type(exc).__name__ in ("BrokenResourceError", "ClosedResourceError"):
-                    return
-                raise
             if not data:
                 return
             try:
                 await feed_serial(self.serial, data, self._accepts_input)
-            except anyio.ClosedResourceError:
+            except anyio.BrokenResourceError:
                 return
 
     async def _refresh_quirk_hooks(self) -> None:

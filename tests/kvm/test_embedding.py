@@ -103,6 +103,17 @@ def test_console_send_types_into_the_guest(backend: str, tmp_path: Path) -> None
     run_on(backend, main)
 
 
+def test_console_send_after_the_guest_ended_is_refused_not_hung(backend: str) -> None:
+    async def main() -> None:
+        with anyio.fail_after(30):
+            async with trivmm.open_vm(VmConfig()) as vm:
+                await vm.wait()
+                with pytest.raises(anyio.BrokenResourceError, match="the guest has stopped"):
+                    await vm.console.send(b"x" * 200)  # more than the UART's FIFO holds
+
+    run_on(backend, main)
+
+
 def test_leaving_the_block_stops_a_running_guest(backend: str, tmp_path: Path) -> None:
     elf = assemble("cpl3_loop", tmp_path)
 

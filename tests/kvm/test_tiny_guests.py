@@ -230,3 +230,21 @@ def _wait_for_vcpu_thread(pid: int, timeout: float = 30.0) -> None:
                 continue
         time.sleep(0.05)
     raise AssertionError(f"process {pid} started no vCPU thread in {timeout} s")
+
+
+def test_the_cli_gives_stdin_back_as_it_found_it(tmp_path: Path) -> None:
+    """The CLI waits on stdin through epoll with O_NONBLOCK, a flag of the open file it
+    shares with the shell: it must be cleared again at exit."""
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    try:
+        assert os.get_blocking(read_end)
+        result = subprocess.run([sys.executable, "-m", "trivmm", "run", "--memory", "16M"], stdin=read_end,
+                                capture_output=True, timeout=60)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert os.get_blocking(read_end)  # the same open file the child had as fd 0
+    finally:
+        os.close(read_end)
+        os.close(write_end)

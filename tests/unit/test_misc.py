@@ -66,7 +66,8 @@ def test_parse_size(text: str, value: int) -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{"memory": "1X"}, {"memory": "1M"}, {"memory": 4097 << 10},
-                                    {"vcpus": 0}, {"vcpus": 1000}])  # fmt: skip
+                                    {"vcpus": 0}, {"vcpus": 1000}, {"boot_protocol": "bogus"},
+                                    {"cpu_template": "no-such-cpu"}])  # fmt: skip
 def test_bad_config_is_refused(kwargs: dict) -> None:  # type: ignore[type-arg]
     with pytest.raises(ConfigError):
         VmConfig(**kwargs)
