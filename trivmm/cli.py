@@ -59,8 +59,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="CPU model: auto (detect the host), " + ", ".join(
                          f"{t.name} ({t.description.split(':')[0]})" for t in TEMPLATES.values()))  # fmt: skip
     run.add_argument("--boot-protocol", metavar="NAME", default="auto", choices=["auto", "linux64", "pvh"],
-                     help="how to enter an ELF vmlinux: pvh (its PVH note) or linux64 (the 64-bit "
-                          "entry); auto prefers PVH (default auto)")  # fmt: skip
+                     help="how to enter the kernel: pvh (its PVH entry note; for a bzImage, trivmm unpacks "
+                          "the payload to find it), linux64 (the 64-bit entry; a bzImage as it is, unpacked "
+                          "in the guest by its own decompressor), or auto: PVH where the kernel has the note "
+                          "(a bzImage's gzip, xz, LZ4 or zstd payload unpacked by trivmm), else linux64 "
+                          "(default auto)")  # fmt: skip
 
     guest = sub.add_parser("guest", help="build test guests from Debian packages")
     guest_sub = guest.add_subparsers(dest="guest_command", required=True, metavar="ACTION")

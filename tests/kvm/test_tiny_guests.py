@@ -211,9 +211,13 @@ def test_ctrl_c_stops_the_cli_cleanly(tmp_path: Path) -> None:
     elf = assemble("cpl3_loop", tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "trivmm", "run", "--kernel", str(elf), "--memory", "16M"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    _wait_for_vcpu_thread(proc.pid)  # a guest spinning at CPL3: no exits of its own
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=20)
+    try:
+        _wait_for_vcpu_thread(proc.pid)  # a guest spinning at CPL3: no exits of its own
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()  # a failed test leaves no guest spinning behind it
+        proc.wait()
     assert proc.returncode == 130
     assert err.decode() == "trivmm: interrupted\n"
 

@@ -10,6 +10,7 @@ vCPU and the IOAPIC; ISA IRQs map to GSIs one-to-one (no overrides), as KVM rout
 
 from __future__ import annotations
 
+import functools
 import struct
 
 from trivmm.boot.layout import ACPI_START, BIOS_START, HIMEM_START, IOAPIC_ADDRESS, LAPIC_ADDRESS
@@ -24,7 +25,7 @@ from trivmm.devices.acpi_pm import (
 )
 from trivmm.devices.pvpanic import PVPANIC_HID, PVPANIC_PORT
 
-__all__ = ["AcpiTables", "SCI_IRQ", "aml_package_length"]
+__all__ = ["AcpiTables", "SCI_IRQ", "acpi_tables", "aml_package_length"]
 
 SCI_IRQ = 9
 _OEM_ID = b"TRIVMM"
@@ -153,7 +154,11 @@ def _madt(vcpus: int) -> bytes:
 
 
 class AcpiTables:
-    """The tables laid out from ``address``; ``rsdp_address`` is what boot_params carries."""
+    """The tables laid out from ``address``; ``rsdp_address`` is what boot_params carries.
+    ``blobs`` is a tuple of (address, bytes): the object is not changed after it is built,
+    so ``acpi_tables`` can hand the same one to every VM."""
+
+    __slots__ = ("blobs", "rsdp_address")
 
     def __init__(self, vcpus: int, address: int = ACPI_START) -> None:
         if not 1 <= vcpus <= 255:
@@ -176,7 +181,17 @@ class AcpiTables:
         rsdp = bytearray(struct.pack("<8sB6sBIIQB3x", b"RSD PTR ", 0, _OEM_ID, 2, 0, 36, xsdt, 0))
         rsdp[8] = _checksum(bytes(rsdp[:20]))
         rsdp[32] = _checksum(bytes(rsdp))
-        self.blobs: list[tuple[int, bytes]] = [(address, bytes(rsdp)), *blobs]
+        self.blobs: tuple[tuple[int, bytes], ...] = ((address, bytes(rsdp)), *blobs)
         if cursor > HIMEM_START or (address < BIOS_START and cursor > BIOS_START):
             raise ValueError("ACPI tables do not fit their area")
 
+    def __setattr__(self, name: str, value: object) -> None:
+        if hasattr(self, name):
+            raise AttributeError(f"AcpiTables is immutable (its {name} is set)")
+        object.__setattr__(self, name, value)
+
+
+@functools.lru_cache(maxsize=32)
+def acpi_tables(vcpus: int, address: int = ACPI_START) -> AcpiTables:
+    """``AcpiTables(vcpus, address)``, built once per process for each pair."""
+    return AcpiTables(vcpus, address)

@@ -27,6 +27,12 @@ _ET_EXEC = 2
 _PT_LOAD = 1
 _PT_NOTE = 4
 XEN_ELFNOTE_PHYS32_ENTRY = 18
+# Small images (the built-in guest, test guests: parsed twice per VM, by check_kernel and
+# the loader) are remembered by identity: a ``bytes`` object cannot change, and the cache
+# holds it, so its identity cannot be reused. Large ones (Linux) are not kept alive.
+_REMEMBER_MAX_SIZE = 1 << 20
+_REMEMBERED_LIMIT = 8
+_remembered: dict[int, tuple[bytes, ElfImage]] = {}
 
 
 @attrs.frozen
@@ -48,6 +54,19 @@ class ElfImage:
 
     @classmethod
     def parse(cls, image: bytes) -> ElfImage:
+        if type(image) is not bytes or len(image) > _REMEMBER_MAX_SIZE:
+            return cls._parse(image)
+        hit = _remembered.get(id(image))
+        if hit is not None and hit[0] is image:
+            return hit[1]
+        parsed = cls._parse(image)
+        if len(_remembered) >= _REMEMBERED_LIMIT:
+            _remembered.clear()
+        _remembered[id(image)] = (image, parsed)
+        return parsed
+
+    @classmethod
+    def _parse(cls, image: bytes) -> ElfImage:
         if len(image) < _EHDR.size or image[:4] != b"\x7fELF":
             raise KernelImageError("not an ELF file")
         ident, e_type, machine, _, entry, phoff, _, _, _, phentsize, phnum, *_ = _EHDR.unpack_from(image)

@@ -4,11 +4,17 @@ Three ways in, one entry state each:
 
 * ``linux64`` for a bzImage: the 64-bit boot protocol -- protected-mode kernel at 1 MiB,
   zero page (``boot_params``) with the image's own setup header, entry at +0x200 in long
-  mode with an identity map of the first 4 GiB, RSI = zero page;
+  mode with an identity map of the first 4 GiB, RSI = zero page; the kernel's own
+  decompressor then unpacks the payload in the guest;
 * ``linux64`` for an ELF vmlinux, as Firecracker does: segments at their physical
   addresses, entry at ``e_entry`` in long mode, RSI = a zero page with a minimal header;
 * ``pvh`` for an ELF vmlinux with a ``XEN_ELFNOTE_PHYS32_ENTRY`` note: 32-bit protected
   mode, paging off, EBX = ``hvm_start_info`` (memmap, command line, initrd as module 0).
+  A bzImage is booted this way too unless ``linux64`` is asked for: the loader unpacks its
+  payload (``extract_vmlinux``) and, when that is an ELF vmlinux with the PVH note, loads
+  the vmlinux as above -- the guest's decompressor never runs. A payload it cannot unpack,
+  or a kernel without the note, boots by ``linux64`` under ``auto`` and is refused under
+  ``pvh``. ``BootEntry.unpacked`` says which happened.
 
 All of them get the same MP table and ACPI tables. Every size and address that comes from
 the files is checked before it is used; a bad image is a ``KernelImageError``.
@@ -17,13 +23,15 @@ the files is checked before it is used; a bad image is a ``KernelImageError``.
 from __future__ import annotations
 
 import enum
+import functools
+import logging
 import struct
 
 import attrs
 
 from trivmm.boot import layout
-from trivmm.boot.acpi import AcpiTables
-from trivmm.boot.bzimage import KernelImageError, SetupHeader
+from trivmm.boot.acpi import acpi_tables
+from trivmm.boot.bzimage import KernelImageError, SetupHeader, extract_vmlinux, payload_compression
 from trivmm.boot.e820 import E820Entry, memory_map
 from trivmm.boot.elf import ElfImage
 from trivmm.boot.mptable import build_mptable
@@ -47,6 +55,7 @@ _HVM_START_MAGIC = 0x336E_C578
 _E820_MAX = 128
 _ZERO_CHUNK = 1 << 20  # zero a segment's bss this much at a time: no buffer as large as the bss
 _PVH_ENTRY_LIMIT = 1 << 32  # the PVH entry runs in 32-bit protected mode
+_log = logging.getLogger(__name__)
 
 
 class BootProtocol(enum.Enum):
@@ -63,9 +72,12 @@ class BootEntry:
     boot_info: int  # RSI (zero page) for linux64, EBX (hvm_start_info) for PVH
     kernel_end: int
     initrd: tuple[int, int] | None
+    # The compression of a bzImage's payload that the loader unpacked to load the vmlinux
+    # inside it ("lz4", ...); None when the kernel was loaded as it was given.
+    unpacked: str | None = None
 
 
-def _write(memory: GuestMemory, address: int, data: bytes, what: str) -> None:
+def _write(memory: GuestMemory, address: int, data: bytes | memoryview, what: str) -> None:
     try:
         memory.write(address, data)
     except GuestMemoryError:
@@ -99,18 +111,40 @@ def _load_segments(memory: GuestMemory, elf: ElfImage) -> None:
             address += length
 
 
-def _write_page_tables(memory: GuestMemory) -> None:
-    memory.write_u64(layout.PML4, layout.PDPT | _PTE_TABLE)
-    for i in range(layout.PD_PAGES):
-        memory.write_u64(layout.PDPT + 8 * i, (layout.PD + i * _PAGE) | _PTE_TABLE)
+@functools.cache
+def _page_tables() -> tuple[bytes, bytes, bytes]:
+    """PML4, PDPT and page directories of the identity map of the first 4 GiB (2 MiB
+    pages): the same bytes for every guest, built once per process."""
+    pml4 = struct.pack("<Q", layout.PDPT | _PTE_TABLE)
+    pdpt = struct.pack(f"<{layout.PD_PAGES}Q", *((layout.PD + i * _PAGE) | _PTE_TABLE for i in range(layout.PD_PAGES)))
     entries = layout.PD_PAGES * 512
-    memory.write(layout.PD, struct.pack(f"<{entries}Q", *((j << 21) | _PDE_2M for j in range(entries))))
+    pd = struct.pack(f"<{entries}Q", *((j << 21) | _PDE_2M for j in range(entries)))
+    return pml4, pdpt, pd
+
+
+def _write_page_tables(memory: GuestMemory) -> None:
+    pml4, pdpt, pd = _page_tables()
+    memory.write(layout.PML4, pml4)
+    memory.write(layout.PDPT, pdpt)
+    memory.write(layout.PD, pd)
+
+
+def _gdt_and_idt(protocol: BootProtocol) -> bytes:
+    """The bytes from ``layout.GDT`` on: the GDT, then the empty IDT written over its
+    last 8 bytes (``layout.IDT`` is GDT + 0x20: the TSS descriptor's place)."""
+    code = _GDT_CODE64 if protocol is BootProtocol.LINUX64 else _GDT_CODE32
+    area = bytearray(struct.pack("<5Q", _GDT_NULL, _GDT_NULL, code, _GDT_DATA, _GDT_TSS))
+    idt = layout.IDT - layout.GDT
+    assert 0 <= idt <= len(area) - 8, "the IDT is expected over the GDT's last entry"
+    area[idt : idt + 8] = bytes(8)
+    return bytes(area)
+
+
+_GDT_AND_IDT = {protocol: _gdt_and_idt(protocol) for protocol in BootProtocol}
 
 
 def _write_gdt(memory: GuestMemory, protocol: BootProtocol) -> None:
-    code = _GDT_CODE64 if protocol is BootProtocol.LINUX64 else _GDT_CODE32
-    memory.write(layout.GDT, struct.pack("<5Q", _GDT_NULL, _GDT_NULL, code, _GDT_DATA, _GDT_TSS))
-    memory.write_u64(layout.IDT, 0)
+    memory.write(layout.GDT, _GDT_AND_IDT[protocol])
 
 
 def _place_initrd(memory: GuestMemory, initrd: bytes, kernel_end: int, addr_max: int) -> int:
@@ -136,7 +170,7 @@ def _cmdline_bytes(cmdline: str, limit: int) -> bytes:
 
 
 def _zero_page(setup_raw: bytes, cmdline_size: int, initrd: tuple[int, int] | None,
-               e820: list[E820Entry], rsdp: int) -> bytes:  # fmt: skip
+               e820: tuple[E820Entry, ...], rsdp: int) -> bytes:  # fmt: skip
     page = bytearray(_PAGE)
     page[0x1F1 : 0x1F1 + len(setup_raw)] = setup_raw
     struct.pack_into("<B", page, 0x210, _LOADER_TYPE_UNDEFINED)  # type_of_loader
@@ -171,13 +205,19 @@ def _elf_setup_header(cmdline_size: int) -> bytes:
     return bytes(raw)
 
 
+@functools.lru_cache(maxsize=32)
+def _memory_map(ram: tuple[tuple[int, int], ...]) -> tuple[tuple[E820Entry, ...], bytes]:
+    """The e820 map of guest RAM ``ram`` and the same as PVH memmap entries, as bytes."""
+    e820 = tuple(memory_map(list(ram)))
+    return e820, b"".join(struct.pack("<QQII", entry.address, entry.size, entry.type, 0) for entry in e820)
+
+
 def _hvm_start_info(memory: GuestMemory, cmdline_size: int, initrd: tuple[int, int] | None,
-                    e820: list[E820Entry], rsdp: int) -> None:  # fmt: skip
+                    e820: tuple[E820Entry, ...], pvh_memmap: bytes, rsdp: int) -> None:  # fmt: skip
     max_entries = (layout.ZERO_PAGE - layout.PVH_MEMMAP) // 24
     if len(e820) > max_entries:
         raise KernelImageError(f"{len(e820)} memory map entries exceed PVH's room for {max_entries}")
-    for i, entry in enumerate(e820):
-        memory.write(layout.PVH_MEMMAP + 24 * i, struct.pack("<QQII", entry.address, entry.size, entry.type, 0))
+    memory.write(layout.PVH_MEMMAP, pvh_memmap)
     modules = 0
     if initrd:
         memory.write(layout.PVH_MODLIST, struct.pack("<QQQQ", initrd[0], initrd[1], 0, 0))
@@ -198,6 +238,25 @@ def check_kernel(kernel: bytes) -> None:
         raise KernelImageError(f"not a bzImage or an ELF vmlinux: {exc}") from None
 
 
+def _unpack_bzimage(kernel: bytes, *, required: bool) -> tuple[ElfImage, str] | None:
+    """The vmlinux inside a bzImage and its payload's compression, when it has a PVH entry;
+    else None, or -- ``required`` -- a ``KernelImageError`` that says why not."""
+    try:
+        compression = payload_compression(kernel)
+        elf = ElfImage.parse(extract_vmlinux(kernel))
+    except KernelImageError as exc:
+        if required:
+            raise KernelImageError(f"PVH entry into a bzImage needs its payload unpacked: {exc}") from None
+        _log.info("bzImage payload not unpacked (%s): entering by the 64-bit boot protocol", exc)
+        return None
+    if elf.pvh_entry is None:
+        if required:
+            raise KernelImageError("the bzImage's vmlinux has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")
+        _log.info("bzImage's vmlinux has no PVH entry note: entering by the 64-bit boot protocol")
+        return None
+    return elf, compression
+
+
 def load_kernel(memory: GuestMemory, kernel: bytes, *, initrd: bytes | None = None,
                 cmdline: str = "", vcpus: int = 1, protocol: str = "auto") -> BootEntry:  # fmt: skip
     """Lay out the kernel and everything it is booted with; return the BSP's entry state."""
@@ -205,8 +264,19 @@ def load_kernel(memory: GuestMemory, kernel: bytes, *, initrd: bytes | None = No
         raise ValueError(f"unknown boot protocol {protocol!r} (auto, linux64, pvh)")
     elf: ElfImage | None = None
     header: SetupHeader | None = None
+    unpacked: str | None = None
     if kernel[:4] == b"\x7fELF":
         elf = ElfImage.parse(kernel)
+    else:
+        try:
+            header = SetupHeader.parse(kernel)
+        except KernelImageError as exc:
+            raise KernelImageError(f"not a bzImage or an ELF vmlinux: {exc}") from None
+        if protocol != "linux64":
+            found = _unpack_bzimage(kernel, required=protocol == "pvh")
+            if found is not None:
+                elf, unpacked = found
+    if elf is not None:
         if protocol == "pvh" and elf.pvh_entry is None:
             raise KernelImageError("kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")
         mode = BootProtocol.PVH if protocol != "linux64" and elf.pvh_entry is not None else BootProtocol.LINUX64
@@ -214,16 +284,10 @@ def load_kernel(memory: GuestMemory, kernel: bytes, *, initrd: bytes | None = No
             raise KernelImageError(f"PVH entry {elf.pvh_entry:#x} is not a 32-bit address")
         _check_segments_fit(memory, elf)
     else:
-        try:
-            header = SetupHeader.parse(kernel)
-        except KernelImageError as exc:
-            raise KernelImageError(f"not a bzImage or an ELF vmlinux: {exc}") from None
-        if protocol == "pvh":
-            raise KernelImageError("PVH entry needs an ELF vmlinux, not a bzImage")
         mode = BootProtocol.LINUX64
 
     cmdline_limit = layout.CMDLINE_MAX
-    if header is not None and header.cmdline_size:
+    if header is not None and header.cmdline_size:  # the bzImage's limit holds for its vmlinux too
         cmdline_limit = min(cmdline_limit, header.cmdline_size + 1)
     cmd = _cmdline_bytes(cmdline, cmdline_limit)
 
@@ -231,10 +295,10 @@ def load_kernel(memory: GuestMemory, kernel: bytes, *, initrd: bytes | None = No
     _write_page_tables(memory)
     _write_gdt(memory, mode)
     memory.write(layout.EBDA_START, build_mptable(vcpus))
-    acpi = AcpiTables(vcpus)
+    acpi = acpi_tables(vcpus)
     for address, blob in acpi.blobs:
         memory.write(address, blob)
-    e820 = memory_map([(r.guest_base, r.size) for r in memory])
+    e820, pvh_memmap = _memory_map(tuple((r.guest_base, r.size) for r in memory))
 
     if elf is not None:
         _load_segments(memory, elf)
@@ -244,7 +308,7 @@ def load_kernel(memory: GuestMemory, kernel: bytes, *, initrd: bytes | None = No
         setup_raw = _elf_setup_header(len(cmd) - 1)
     else:
         assert header is not None
-        image = kernel[header.setup_size :]
+        image = memoryview(kernel)[header.setup_size :]
         _write(memory, layout.HIMEM_START, image, "kernel")
         decompressed_end = max(header.pref_address, layout.HIMEM_START) + header.init_size
         kernel_end = max(layout.HIMEM_START + len(image), decompressed_end)
@@ -260,10 +324,10 @@ def load_kernel(memory: GuestMemory, kernel: bytes, *, initrd: bytes | None = No
         placed = (_place_initrd(memory, initrd, kernel_end, addr_max), len(initrd))
 
     if mode is BootProtocol.PVH:
-        _hvm_start_info(memory, len(cmd) - 1, placed, e820, acpi.rsdp_address)
+        _hvm_start_info(memory, len(cmd) - 1, placed, e820, pvh_memmap, acpi.rsdp_address)
         boot_info = layout.PVH_START_INFO
     else:
         memory.write(layout.ZERO_PAGE, _zero_page(setup_raw, len(cmd) - 1, placed, e820, acpi.rsdp_address))
         boot_info = layout.ZERO_PAGE
     assert entry is not None
-    return BootEntry(mode, entry, boot_info, kernel_end, placed)
+    return BootEntry(mode, entry, boot_info, kernel_end, placed, unpacked)

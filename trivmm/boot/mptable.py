@@ -8,6 +8,7 @@ ExtINT/NMI.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 from trivmm.boot.layout import EBDA_START, IOAPIC_ADDRESS, LAPIC_ADDRESS
@@ -33,8 +34,10 @@ def _checksum(data: bytes) -> int:
     return -sum(data) & 0xFF
 
 
+@functools.lru_cache(maxsize=32)
 def build_mptable(vcpus: int, address: int = EBDA_START) -> bytes:
-    """Return the floating pointer and configuration table, to be written at ``address``."""
+    """Return the floating pointer and configuration table, to be written at ``address``.
+    (Immutable bytes that depend on nothing else: cached per process.)"""
     if not 1 <= vcpus <= MAX_CPUS:
         raise ValueError(f"an MP table describes 1..{MAX_CPUS} CPUs, not {vcpus}")
     entries = []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import struct
+import threading
+from collections.abc import Sequence
 
 import attrs
 
@@ -19,7 +21,6 @@ from trivmm.cpu.arch import (
     CR4_PAE,
     EFER_LMA,
     EFER_LME,
-    GPR_NAMES,
     MISC_ENABLE_FAST_STRING,
     MTRR_DEF_TYPE_ENABLE_WB,
     Msr,
@@ -36,8 +37,33 @@ _DELIVERY_EXTINT, _DELIVERY_NMI = 7, 4
 _CPUID_HYPERVISOR = 1 << 31
 
 
-def vcpu_cpuid(base: list[CpuidEntry], template: CpuTemplate, index: int, vcpus: int) -> list[CpuidEntry]:
-    """The CPUID table of vCPU ``index``: the template applied, APIC ids and counts set."""
+def vcpu_cpuid(base: Sequence[CpuidEntry], template: CpuTemplate, index: int, vcpus: int) -> tuple[CpuidEntry, ...]:
+    """The CPUID table of vCPU ``index``: the template applied, APIC ids and counts set.
+
+    A pure function of its arguments; for a ``base`` that is a tuple (``Kvm.supported_cpuid``
+    hands every VM the same one) and a template (immutable, and in practice one of
+    ``TEMPLATES``), the answer is remembered by the identity of both -- no hashing of a
+    table per call -- and the cache holds both objects, so an identity cannot be reused."""
+    if not isinstance(base, tuple):
+        return _vcpu_cpuid(base, template, index, vcpus)
+    key = (id(base), id(template), index, vcpus)
+    hit = _cpuid_cache.get(key)
+    if hit is not None and hit[0] is base and hit[1] is template:
+        return hit[2]
+    table = _vcpu_cpuid(base, template, index, vcpus)
+    with _cpuid_cache_lock:
+        if len(_cpuid_cache) >= _CPUID_CACHE_SIZE:
+            _cpuid_cache.clear()
+        _cpuid_cache[key] = (base, template, table)
+    return table
+
+
+_CPUID_CACHE_SIZE = 256  # tables of (base, template, vCPU index, vCPU count)
+_cpuid_cache: dict[tuple[int, int, int, int], tuple[tuple[CpuidEntry, ...], CpuTemplate, tuple[CpuidEntry, ...]]] = {}
+_cpuid_cache_lock = threading.Lock()
+
+
+def _vcpu_cpuid(base: Sequence[CpuidEntry], template: CpuTemplate, index: int, vcpus: int) -> tuple[CpuidEntry, ...]:
     out = []
     for entry in template.apply(base):
         if entry.function == 1:
@@ -46,7 +72,7 @@ def vcpu_cpuid(base: list[CpuidEntry], template: CpuTemplate, index: int, vcpus:
         elif entry.function in (0xB, 0x1F):
             entry = attrs.evolve(entry, edx=index)
         out.append(entry)
-    return out
+    return tuple(out)
 
 
 def _set_lint(vcpu: Vcpu) -> None:
@@ -59,7 +85,7 @@ def _set_lint(vcpu: Vcpu) -> None:
     vcpu.set_lapic(lapic)
 
 
-def configure_vcpu(vcpu: Vcpu, cpuid: list[CpuidEntry]) -> None:
+def configure_vcpu(vcpu: Vcpu, cpuid: Sequence[CpuidEntry]) -> None:
     """What every vCPU needs before it first runs: CPUID, MSRs, FPU control words, LINTs."""
     vcpu.set_cpuid(cpuid)
     vcpu.set_msrs({
@@ -91,10 +117,11 @@ def _segment(seg: object, selector: int, seg_type: int, *, code64: bool = False)
     s.unusable = 0  # type: ignore[attr-defined]
 
 
-def set_entry_state(vcpu: Vcpu, entry: BootEntry) -> None:
-    """Registers of the boot vCPU for ``entry`` (see ``trivmm.boot.loader``)."""
-    sregs = vcpu.get_sregs()
-    long_mode = entry.protocol is BootProtocol.LINUX64
+def _entry_segments(long_mode: bool) -> bytes:
+    """CS, DS, ES, FS, GS, SS and TR of the boot vCPU (consecutive in ``struct kvm_sregs``),
+    as bytes: built once per mode with ``_segment`` on a scratch struct (the segments'
+    padding bytes, which KVM ignores, are 0)."""
+    sregs = ffi.new("struct kvm_sregs *")
     _segment(sregs.cs, 0x10, 0xB, code64=long_mode)
     for seg in (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss):
         _segment(seg, 0x18, 0x3)
@@ -102,6 +129,20 @@ def set_entry_state(vcpu: Vcpu, entry: BootEntry) -> None:
     sregs.tr.s = 0
     sregs.tr.limit = 0xFFFFF
     sregs.tr.g = 0
+    return bytes(ffi.buffer(sregs)[_SEGMENTS_START:_SEGMENTS_END])
+
+
+_SEGMENTS_START = ffi.offsetof("struct kvm_sregs", "cs")
+_SEGMENTS_END = ffi.offsetof("struct kvm_sregs", "tr") + ffi.sizeof("struct kvm_segment")
+assert _SEGMENTS_END - _SEGMENTS_START == 7 * ffi.sizeof("struct kvm_segment")  # cs ds es fs gs ss tr
+_ENTRY_SEGMENTS = {long_mode: _entry_segments(long_mode) for long_mode in (False, True)}
+
+
+def set_entry_state(vcpu: Vcpu, entry: BootEntry) -> None:
+    """Registers of the boot vCPU for ``entry`` (see ``trivmm.boot.loader``)."""
+    sregs = vcpu.get_sregs()
+    long_mode = entry.protocol is BootProtocol.LINUX64
+    ffi.buffer(sregs)[_SEGMENTS_START:_SEGMENTS_END] = _ENTRY_SEGMENTS[long_mode]
     sregs.gdt.base, sregs.gdt.limit = layout.GDT, 5 * 8 - 1
     sregs.idt.base, sregs.idt.limit = layout.IDT, 7
     if long_mode:
@@ -115,9 +156,8 @@ def set_entry_state(vcpu: Vcpu, entry: BootEntry) -> None:
         sregs.cr4 = 0
         sregs.efer = 0
     vcpu.set_sregs(sregs)
-    regs = vcpu.get_regs()
-    for name in GPR_NAMES:
-        setattr(regs, name, 0)
+    # Every field of struct kvm_regs is set here (the GPRs to 0), so no KVM_GET_REGS first.
+    regs = ffi.new("struct kvm_regs *")
     regs.rip = entry.rip
     regs.rflags = 0x2
     regs.rsp = regs.rbp = layout.BOOT_STACK

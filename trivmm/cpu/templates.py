@@ -15,6 +15,8 @@ A template also names the host quirks its host needs (``Quirk``): the per-vCPU h
 from __future__ import annotations
 
 import enum
+import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -60,12 +62,13 @@ class CpuTemplate:
     linux_cmdline: tuple[str, ...] = ()
     quirks: frozenset[Quirk] = frozenset()  # host-quirk hooks this host needs; none on stock KVM
 
-    def apply(self, entries: list[CpuidEntry]) -> list[CpuidEntry]:
+    def apply(self, entries: Sequence[CpuidEntry]) -> list[CpuidEntry]:
         out = []
+        drop, clear = self.drop_leaves, self.clear
         for entry in entries:
-            if entry.function in self.drop_leaves:
+            if entry.function in drop:
                 continue
-            for bits in self.clear:
+            for bits in clear:
                 if bits.function == entry.function and bits.index in (None, entry.index):
                     value = getattr(entry, bits.register) & ~bits.mask
                     entry = attrs.evolve(entry, **{bits.register: value})
@@ -131,9 +134,16 @@ def detect_host_template(sys_module: Path = _PVM_MODULE) -> CpuTemplate:
     return TEMPLATES["nested-pvm" if sys_module.exists() else "host"]
 
 
+@functools.cache
+def _host_template() -> CpuTemplate:
+    # Whether kvm_pvm is loaded is the host's, fixed for this process's life (a sysfs
+    # lookup is tens of microseconds on the nested host: once, not per VM).
+    return detect_host_template()
+
+
 def get_template(name: str) -> CpuTemplate:
     if name == "auto":
-        return detect_host_template()
+        return _host_template()
     try:
         return TEMPLATES[name]
     except KeyError:

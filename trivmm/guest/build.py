@@ -164,7 +164,7 @@ def _decompress_module(path: Path) -> bytes:
 
 def build_stock(cache: Path) -> Path:
     """Fetch and unpack Debian's stock cloud kernel; return its directory."""
-    ensure_debian_packages(["busybox-static", "lz4", "zstd"])
+    ensure_debian_packages(["busybox-static"])  # the payload is unpacked in process (extract_vmlinux)
     out = cache / "stock"
     work = cache / "stock-deb"
     depends = subprocess.run(["apt-cache", "depends", _STOCK_META_PACKAGE],

@@ -3,7 +3,10 @@
 # Prints a marker the e2e tests and the benchmark wait for, with the CPU count the kernel
 # brought up, then powers off -- or, with `trivmm.shell` on the kernel command line, gives
 # an interactive busybox shell on the console first; with `trivmm.panic`, exits (the kernel
-# then panics).
+# then panics); with `trivmm.cmd=<base64url of a shell command>` (examples/ services), runs
+# the command with busybox sh and prints its output (stdout and stderr) after a line
+# `TRIVMM-CMD-BEGIN`, then `TRIVMM-CMD-END rc=<its exit status>` (on a line of its own when
+# the output ends with a newline), before powering off.
 # Applets are called through busybox: the initramfs carries no applet links, since making
 # them costs seconds on a host that emulates guest kernel code.
 bb=/bin/busybox
@@ -17,6 +20,27 @@ if $bb grep -qw trivmm.panic /proc/cmdline; then
     # init!"), and a kernel with the pvpanic driver tells the VMM.
     echo "trivmm: /init exits on request; the kernel will panic"
     exit 1
+fi
+cmd=
+set -f  # the command line's words are not globs
+for arg in $($bb cat /proc/cmdline); do
+    case "$arg" in trivmm.cmd=*) cmd=${arg#trivmm.cmd=} ;; esac
+done
+set +f
+if [ -n "$cmd" ]; then
+    $bb --install -s /bin
+    # base64url -> base64: its two other letters, and the padding it leaves out
+    cmd=$(echo "$cmd" | $bb tr _- /+)
+    case $((${#cmd} % 4)) in 2) cmd="$cmd==" ;; 3) cmd="$cmd=" ;; esac
+    echo TRIVMM-CMD-BEGIN
+    if echo "$cmd" | $bb base64 -d >/tmp/trivmm-cmd.sh 2>/dev/null; then
+        (cd / && PATH=/bin:/sbin:/usr/bin:/usr/sbin exec $bb sh /tmp/trivmm-cmd.sh) </dev/null 2>&1
+        rc=$?
+    else
+        echo "trivmm: cannot decode trivmm.cmd="
+        rc=126
+    fi
+    echo "TRIVMM-CMD-END rc=$rc"
 fi
 if $bb grep -qw trivmm.shell /proc/cmdline; then
     $bb --install -s /bin

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import TYPE_CHECKING
+import stat
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import attrs
 
@@ -19,6 +21,13 @@ __all__ = ["Kvm", "CpuidEntry", "DEFAULT_DEVICE"]
 
 DEFAULT_DEVICE = "/dev/kvm"
 _API_VERSION = 12
+# What the host's KVM answers on its system fd -- its API version, capabilities, vCPU
+# mmap size, supported CPUID -- is fixed by the loaded module and the CPU: it is asked
+# once per process and device (its device number), not once per VM. Values are immutable
+# (ints, tuples of frozen CpuidEntry).
+_host_answers: dict[tuple[int, object], object] = {}
+_verified_devices: set[int] = set()  # devices that answered KVM_GET_API_VERSION with 12
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -37,7 +46,7 @@ class CpuidEntry:
 class Kvm(FdObject):
     """The host's KVM: capabilities, supported CPUID and MSRs, and VM creation."""
 
-    __slots__ = ("path",)
+    __slots__ = ("_device", "path")
 
     def __init__(self, path: str = DEFAULT_DEVICE) -> None:
         try:
@@ -46,14 +55,36 @@ class Kvm(FdObject):
             raise KvmUnavailable("open", exc.errno or errno.ENODEV, path) from None
         super().__init__(fd)
         self.path = path
-        version = self.ioctl("KVM_GET_API_VERSION")
-        if version != _API_VERSION:
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:  # pragma: no cover - fstat of an fd just opened
             self.close()
-            raise KvmUnavailable("KVM_GET_API_VERSION", errno.EPROTO,
-                                 f"{path} speaks API {version}, trivmm needs {_API_VERSION}")  # fmt: skip
+            raise KvmUnavailable("fstat", exc.errno or errno.EBADF, path) from None
+        # The device number keys what this process learns about the host's KVM; anything
+        # that is not a character device is asked every time.
+        self._device: int | None = st.st_rdev if stat.S_ISCHR(st.st_mode) else None
+        if self._device is None or self._device not in _verified_devices:
+            version = self.ioctl("KVM_GET_API_VERSION")
+            if version != _API_VERSION:
+                self.close()
+                raise KvmUnavailable("KVM_GET_API_VERSION", errno.EPROTO,
+                                     f"{path} speaks API {version}, trivmm needs {_API_VERSION}")  # fmt: skip
+            if self._device is not None:
+                _verified_devices.add(self._device)
+
+    def _host_answer(self, what: object, ask: Callable[[], T]) -> T:
+        """``ask()``, or what it answered before for this device in this process."""
+        if self._device is None:
+            return ask()
+        key = (self._device, what)
+        try:
+            return _host_answers[key]  # type: ignore[return-value]
+        except KeyError:
+            answer = _host_answers[key] = ask()
+            return answer
 
     def check_extension(self, cap: Cap) -> int:
-        return self.ioctl("KVM_CHECK_EXTENSION", ULONG(int(cap)))
+        return self._host_answer(cap, lambda: self.ioctl("KVM_CHECK_EXTENSION", ULONG(int(cap))))
 
     def require(self, *caps: Cap) -> None:
         """Raise ``MissingCapability`` naming the first of ``caps`` the host lacks."""
@@ -63,15 +94,16 @@ class Kvm(FdObject):
 
     @property
     def vcpu_mmap_size(self) -> int:
-        return self.ioctl("KVM_GET_VCPU_MMAP_SIZE")
+        return self._host_answer("vcpu-mmap-size", lambda: self.ioctl("KVM_GET_VCPU_MMAP_SIZE"))
 
     @property
     def max_vcpus(self) -> int:
         return self.check_extension(Cap.MAX_VCPUS) or self.check_extension(Cap.NR_VCPUS) or 4
 
-    def supported_cpuid(self) -> list[CpuidEntry]:
-        """KVM_GET_SUPPORTED_CPUID: what this host's KVM can present to a guest."""
-        return self._cpuid("KVM_GET_SUPPORTED_CPUID")
+    def supported_cpuid(self) -> tuple[CpuidEntry, ...]:
+        """KVM_GET_SUPPORTED_CPUID: what this host's KVM can present to a guest (asked once
+        per process: the same tuple for every VM)."""
+        return self._host_answer("supported-cpuid", lambda: tuple(self._cpuid("KVM_GET_SUPPORTED_CPUID")))
 
     def _cpuid(self, request: str) -> list[CpuidEntry]:
         nent = 128

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import mmap
 import struct
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from trivmm.kvm._ffi import ffi
@@ -25,6 +26,31 @@ _XSAVE_FSW, _XSAVE_MXCSR = 2, 24  # in the legacy (FXSAVE) region
 _XSAVE_XSTATE_BV = 512  # the header's bitmap of components present
 _XFEATURE_SSE = 1 << 1
 _XSAVE_U16, _XSAVE_U32, _XSAVE_U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
+# struct kvm_cpuid2 (nent, padding) and its kvm_cpuid_entry2s (function, index, flags, eax,
+# ebx, ecx, edx, padding[3]), packed as bytes KVM_SET_CPUID2 reads (and never writes).
+_CPUID2_HEADER = struct.Struct("<II")
+_CPUID_ENTRY2 = struct.Struct("<7I12x")
+assert _CPUID_ENTRY2.size == ffi.sizeof("struct kvm_cpuid_entry2")
+assert _CPUID2_HEADER.size == ffi.sizeof("struct kvm_cpuid2")
+_PACKED_CPUID_LIMIT = 256
+_packed_cpuid: dict[int, tuple[tuple[Any, ...], bytes]] = {}  # id(tuple) -> (the tuple, its bytes)
+
+
+def _pack_cpuid(entries: Sequence[Any]) -> bytes:
+    """``entries`` (``CpuidEntry``s) as a struct kvm_cpuid2. A tuple's bytes are kept by its
+    identity (the cache holds the tuple, so the identity cannot be reused): the VM hands
+    every vCPU with the same table the same tuple."""
+    if isinstance(entries, tuple):
+        hit = _packed_cpuid.get(id(entries))
+        if hit is not None and hit[0] is entries:
+            return hit[1]
+    packed = _CPUID2_HEADER.pack(len(entries), 0) + b"".join(
+        _CPUID_ENTRY2.pack(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx) for e in entries)
+    if isinstance(entries, tuple):
+        if len(_packed_cpuid) >= _PACKED_CPUID_LIMIT:
+            _packed_cpuid.clear()
+        _packed_cpuid[id(entries)] = (entries, packed)
+    return packed
 
 
 class Translation:
@@ -194,14 +220,9 @@ class Vcpu(FdObject):
         if count != len(items):
             raise KvmError("KVM_SET_MSRS", 22, f"MSR {items[count][0]:#x} was refused")
 
-    def set_cpuid(self, entries: list[Any]) -> None:
+    def set_cpuid(self, entries: Sequence[Any]) -> None:
         """KVM_SET_CPUID2 from ``CpuidEntry`` values."""
-        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
-        for i, e in enumerate(entries):
-            c = cpuid.entries[i]
-            c.function, c.index, c.flags = e.function, e.index, e.flags
-            c.eax, c.ebx, c.ecx, c.edx = e.eax, e.ebx, e.ecx, e.edx
-        self.ioctl("KVM_SET_CPUID2", cpuid)
+        self.ioctl("KVM_SET_CPUID2", ffi.from_buffer("struct kvm_cpuid2 *", _pack_cpuid(entries)))
 
     # --- debugging and address translation ---------------------------------------------
     def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import tempfile
 from importlib import resources
@@ -13,8 +14,9 @@ BUILTIN_GREETING = b"Hello from the trivmm built-in guest!"
 _PACKAGE = "trivmm.guest.builtin"
 
 
+@functools.cache
 def builtin_guest() -> bytes:
-    """The shipped ELF image."""
+    """The shipped ELF image (read once per process: it is part of the installed package)."""
     return resources.files(_PACKAGE).joinpath("hello.elf").read_bytes()
 
 
