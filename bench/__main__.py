@@ -55,6 +55,8 @@ from pathlib import Path
 
 import trio
 
+from bench import density
+
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR_SOURCE = Path(os.environ.get("TRIVMM_EXIT_FLOOR_C", ROOT.parent / "shared/tools/kvm_exit_floor.c"))
 TEST_GUESTS = ROOT / "tests/kvm/guests"  # common.inc and the linker script of the tiny guests
@@ -340,12 +342,15 @@ def main() -> None:
                              f"{MAX_EXITS} (default 61440)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--linux", action="store_true", help="also time the small Linux guest's boot")
+    parser.add_argument("--density-only", action="store_true", help="only bench/density.py (python -m bench.density)")
     args = parser.parse_args()
     print(f"trivmm benchmarks on {os.uname().nodename}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
-    bench_exits(args.exits, args.rounds)
-    bench_startup(max(args.rounds, 7))
+    if not args.density_only:
+        bench_exits(args.exits, args.rounds)
+        bench_startup(max(args.rounds, 7))
     if args.linux:
         bench_linux(vcpus=2)
+    density.main([])  # tiny VMs per second, per process, per MiB (bench/density.py)
 
 
 if __name__ == "__main__":
