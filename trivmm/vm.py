@@ -123,7 +123,7 @@ class VM:
         self._finished: anyio.Event | None = None
         self._outcome: VmExit | BaseException | None = None
         self._services: list[Callable[[], Coroutine[Any, Any, None]]] = []
-        self.kvm = Kvm(kvm_path)
+        self.kvm = Kvm.shared(kvm_path)  # the process's /dev/kvm fd: not ours to close
         self.vm: Vm | None = None
         self.memory: GuestMemory | None = None
         self.vcpus: list[Vcpu] = []
@@ -419,7 +419,6 @@ class VM:
         if self.memory is not None:
             self.memory.close()
             self.memory = None
-        self.kvm.close()
 
     def __enter__(self) -> VM:
         return self

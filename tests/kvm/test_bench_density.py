@@ -11,11 +11,13 @@ import pytest
 
 from bench import density
 from trivmm.guest.builtin import BUILTIN_GREETING
+from trivmm.kvm import Kvm
 
 pytestmark = [pytest.mark.kvm]
 
 
 async def test_density_at_tiny_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    Kvm.shared()  # the process's /dev/kvm fd, which outlives every VM by design
     fds = density.fd_count()
     opts = density.Options(sizes=(1, 2), many=3, seconds=0.5, ramp=0.1, probe_samples=2, samples=2,
                            qemu=False, install=False, process_runs=0)  # fmt: skip
@@ -38,14 +40,14 @@ async def test_density_at_tiny_sizes(capsys: pytest.CaptureFixture[str]) -> None
     for (state, n), memory in report.memories.items():
         assert memory.state == state and memory.n == n
         assert memory.guest_resident_kib >= 4  # the loader wrote the kernel into guest RAM
-        assert memory.fds_per_vm >= 3  # /dev/kvm, the VM, its vCPU
+        assert memory.fds_per_vm >= 2  # the VM, its vCPU (and the run page's mapping)
         assert all(math.isfinite(v) for v in (memory.extra_kib_per_vm, memory.kernel_kib_per_vm))
         assert 0 <= memory.paused <= n and (memory.paused == 0) == (state == "built")
 
     many = report.many
     assert many is not None
     assert (many.built, many.wanted, many.error) == (3, 3, None)
-    assert many.memory.fds_per_vm >= 3 and many.build_seconds > 0 and many.close_seconds > 0
+    assert many.memory.fds_per_vm >= 2 and many.build_seconds > 0 and many.close_seconds > 0
     assert report.processes == []
     assert density.fd_count() == fds  # every VM's fds closed again
 

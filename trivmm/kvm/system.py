@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -27,6 +28,8 @@ _API_VERSION = 12
 # (ints, tuples of frozen CpuidEntry).
 _host_answers: dict[tuple[int, object], object] = {}
 _verified_devices: set[int] = set()  # devices that answered KVM_GET_API_VERSION with 12
+_shared: dict[str, Kvm] = {}  # Kvm.shared(): one system fd per device path per process
+_shared_lock = threading.Lock()
 T = TypeVar("T")
 
 
@@ -71,6 +74,17 @@ class Kvm(FdObject):
                                      f"{path} speaks API {version}, trivmm needs {_API_VERSION}")  # fmt: skip
             if self._device is not None:
                 _verified_devices.add(self._device)
+
+    @classmethod
+    def shared(cls, path: str = DEFAULT_DEVICE) -> Kvm:
+        """The process's system fd for ``path``, opened on first use and kept: every VM
+        is created from it (one fd, one open per process rather than per VM). Whoever
+        gets it must not close it."""
+        with _shared_lock:
+            kvm = _shared.get(path)
+            if kvm is None or kvm.closed:
+                kvm = _shared[path] = cls(path)
+            return kvm
 
     def _host_answer(self, what: object, ask: Callable[[], T]) -> T:
         """``ask()``, or what it answered before for this device in this process."""
