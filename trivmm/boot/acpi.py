@@ -6,6 +6,22 @@ born in ACPI mode). The DSDT holds ``\\_S5`` = {5, 5, 0, 0}, which is what a ker
 to power off through PM1a control, and the devices a guest finds only through ACPI: the
 pvpanic device (``\\_SB.PEVT``, ``QEMU0001``, its port in ``_CRS``). The MADT lists one enabled local APIC per
 vCPU and the IOAPIC; ISA IRQs map to GSIs one-to-one (no overrides), as KVM routes them.
+
+With a ``PciLayout`` (a VM with PCI), the XSDT also lists an MCFG (the ECAM of segment 0,
+buses 0..ecam_buses-1), and the DSDT grows a PCI Express root bridge and a motherboard
+resource device (the tables without PCI are unchanged, byte for byte):
+
+    \\_SB.PCI0  _HID PNP0A08, _CID PNP0A03, _SEG 0, _BBN 0, _UID 0
+               _CRS: the bus range of the MCFG; IO 0xCF8..0xCFF (consumed); the I/O,
+                     32-bit and 64-bit memory windows BARs are assigned from
+               _PRT: INTA..INTD of slots 1..31, swizzled onto the layout's IOAPIC GSIs
+                     (no link devices: Linux makes them level, active-low; KVM's IOAPIC
+                     ignores polarity, so the VMM raises a line with level 1)
+    \\_SB.MBRD  _HID PNP0C02, _CRS: the ECAM (PCI Firmware 3.3, 4.1.2: Linux uses MCFG only
+               when a motherboard resource reserves it)
+
+No ``_OSC``: Linux then keeps the platform's control of PCIe features (hotplug, AER, PME),
+none of which trivmm has, and turns ASPM off; MSI and MSI-X do not depend on it.
 """
 
 from __future__ import annotations
@@ -13,7 +29,7 @@ from __future__ import annotations
 import functools
 import struct
 
-from trivmm.boot.layout import ACPI_START, BIOS_START, HIMEM_START, IOAPIC_ADDRESS, LAPIC_ADDRESS
+from trivmm.boot.layout import ACPI_START, BIOS_START, HIMEM_START, IOAPIC_ADDRESS, LAPIC_ADDRESS, PciLayout
 from trivmm.boot.mptable import ioapic_id
 from trivmm.devices.acpi_pm import (
     ACPI_PM_PORT,
@@ -62,10 +78,19 @@ def _gas(address: int, bit_width: int, access_size: int) -> bytes:
 
 # AML opcodes (ACPI 6.5, chapter 20).
 _AML_NAME, _AML_SCOPE, _AML_BUFFER, _AML_BYTE, _AML_STRING = 0x08, 0x10, 0x11, 0x0A, 0x0D
+_AML_ZERO, _AML_ONE, _AML_WORD, _AML_DWORD, _AML_QWORD, _AML_PACKAGE = 0x00, 0x01, 0x0B, 0x0C, 0x0E, 0x12
 _AML_DEVICE = b"\x5b\x82"
 _AML_ROOT = b"\\"
 # Resource descriptors (ACPI 6.5, 6.4): small I/O port, 16-bit decode; end tag.
 _RES_IO, _RES_IO_DECODE16, _RES_END = 0x47, 0x01, 0x79
+# Large resource descriptors: 32-bit fixed memory, DWORD/WORD/QWORD address spaces.
+_RES_MEMORY32_FIXED, _RES_DWORD_SPACE, _RES_WORD_SPACE, _RES_QWORD_SPACE = 0x86, 0x87, 0x88, 0x8A
+_SPACE_MEMORY, _SPACE_IO, _SPACE_BUS = 0, 1, 2
+_SPACE_PRODUCER_FIXED = 0x0C  # general flags: ResourceProducer, MinFixed, MaxFixed, PosDecode
+_IO_ENTIRE_RANGE = 0x03
+_MEMORY_READ_WRITE, _MEMORY_CACHEABLE = 0x01, 0x02
+_PCI_SLOTS = 32
+_PCI_PINS = 4
 
 
 def aml_package_length(body_length: int) -> bytes:
@@ -89,7 +114,7 @@ def _aml_string(text: str) -> bytes:
 
 
 def _aml_buffer(data: bytes) -> bytes:
-    size = bytes([_AML_BYTE, len(data)])
+    size = bytes([_AML_BYTE, len(data)]) if len(data) < 0x100 else _aml_integer(len(data))
     return bytes([_AML_BUFFER]) + aml_package_length(len(size) + len(data)) + size + data
 
 
@@ -105,6 +130,85 @@ def _io_resources(port: int, length: int) -> bytes:
     """A ResourceTemplate with one fixed I/O range."""
     io = bytes([_RES_IO, _RES_IO_DECODE16]) + struct.pack("<HHBB", port, port, 1, length)
     return io + bytes([_RES_END, 0])
+
+
+def _aml_integer(value: int) -> bytes:
+    """The shortest AML encoding of the integer ``value`` (ZeroOp, OneOp, Byte..QWordConst)."""
+    if value in (0, 1):
+        return bytes([_AML_ZERO if value == 0 else _AML_ONE])
+    for prefix, size in ((_AML_BYTE, 1), (_AML_WORD, 2), (_AML_DWORD, 4), (_AML_QWORD, 8)):
+        if 0 <= value < 1 << (8 * size):
+            return bytes([prefix]) + value.to_bytes(size, "little")
+    raise ValueError(f"{value} is not an AML integer")
+
+
+def _aml_eisa_id(text: str) -> bytes:
+    """EisaId("PNP0A08"): three letters in 5 bits each, then four hex digits, as a DWORD."""
+    letters = [ord(c) - 0x40 for c in text[:3]]
+    if len(text) != 7 or not all(1 <= c <= 26 for c in letters):
+        raise ValueError(f"not an EISA ID: {text!r}")
+    packed = ((letters[0] << 10) | (letters[1] << 5) | letters[2]).to_bytes(2, "big") + bytes.fromhex(text[3:])
+    return bytes([_AML_DWORD]) + packed
+
+
+def _aml_package(elements: list[bytes]) -> bytes:
+    body = bytes([len(elements)]) + b"".join(elements)
+    return bytes([_AML_PACKAGE]) + aml_package_length(len(body)) + body
+
+
+def _res_address_space(tag: int, fmt: str, space: int, type_flags: int, first: int, last: int) -> bytes:
+    """A WORD/DWORD/QWORD address space descriptor: a window the bridge produces."""
+    body = struct.pack("<BBB" + fmt * 5, space, _SPACE_PRODUCER_FIXED, type_flags, 0, first, last, 0,
+                       last - first + 1)  # fmt: skip
+    return struct.pack("<BH", tag, len(body)) + body
+
+
+def _pci_resources(pci: PciLayout) -> bytes:
+    """PCI0._CRS: bus numbers, the configuration ports it consumes, and its windows."""
+    io = bytes([_RES_IO, _RES_IO_DECODE16]) + struct.pack("<HHBB", 0xCF8, 0xCF8, 1, 8)
+    return b"".join([
+        _res_address_space(_RES_WORD_SPACE, "H", _SPACE_BUS, 0, 0, pci.ecam_buses - 1),
+        io,
+        _res_address_space(_RES_WORD_SPACE, "H", _SPACE_IO, _IO_ENTIRE_RANGE, pci.io_base,
+                           pci.io_base + pci.io_size - 1),
+        _res_address_space(_RES_DWORD_SPACE, "I", _SPACE_MEMORY, _MEMORY_READ_WRITE, pci.mmio32_base,
+                           pci.mmio32_base + pci.mmio32_size - 1),
+        _res_address_space(_RES_QWORD_SPACE, "Q", _SPACE_MEMORY, _MEMORY_READ_WRITE | _MEMORY_CACHEABLE,
+                           pci.mmio64_base, pci.mmio64_base + pci.mmio64_size - 1),
+        bytes([_RES_END, 0]),
+    ])  # fmt: skip
+
+
+def _pci_routing(pci: PciLayout) -> bytes:
+    """PCI0._PRT: Package { address (slot << 16 | 0xFFFF: any function), pin (0 = INTA),
+    source (Zero: no link device), source index (the GSI) } for every slot but the bridge's."""
+    entries = []
+    for slot in range(1, _PCI_SLOTS):
+        for pin in range(_PCI_PINS):
+            gsi = pci.intx_gsi(slot, pin + 1)
+            fields = [_aml_integer(slot << 16 | 0xFFFF), _aml_integer(pin), _aml_integer(0), _aml_integer(gsi)]
+            entries.append(_aml_package(fields))
+    return _aml_package(entries)
+
+
+def _aml_pci(pci: PciLayout) -> bytes:
+    root = b"".join([
+        _aml_name(b"_HID", _aml_eisa_id("PNP0A08")),
+        _aml_name(b"_CID", _aml_eisa_id("PNP0A03")),
+        _aml_name(b"_SEG", _aml_integer(0)),
+        _aml_name(b"_BBN", _aml_integer(0)),
+        _aml_name(b"_UID", _aml_integer(0)),
+        _aml_name(b"_CRS", _aml_buffer(_pci_resources(pci))),
+        _aml_name(b"_PRT", _pci_routing(pci)),
+    ])  # fmt: skip
+    ecam = struct.pack("<BHBII", _RES_MEMORY32_FIXED, 9, _MEMORY_READ_WRITE, pci.ecam_base, pci.ecam_size)
+    board = _aml_name(b"_HID", _aml_eisa_id("PNP0C02")) + _aml_name(b"_CRS", _aml_buffer(ecam + bytes([_RES_END, 0])))
+    return _aml_scope(_AML_ROOT + b"_SB_", _aml_device(b"PCI0", root) + _aml_device(b"MBRD", board))
+
+
+def _mcfg(pci: PciLayout) -> bytes:
+    """MCFG: one allocation, segment 0, buses 0..ecam_buses-1, after 8 reserved bytes."""
+    return _table(b"MCFG", 1, bytes(8) + struct.pack("<QHBB4x", pci.ecam_base, 0, 0, pci.ecam_buses - 1))
 
 
 def _aml_pvpanic() -> bytes:
@@ -160,7 +264,7 @@ class AcpiTables:
 
     __slots__ = ("blobs", "rsdp_address")
 
-    def __init__(self, vcpus: int, address: int = ACPI_START) -> None:
+    def __init__(self, vcpus: int, address: int = ACPI_START, pci: PciLayout | None = None) -> None:
         if not 1 <= vcpus <= 255:
             raise ValueError(f"the MADT describes 1..255 CPUs here, not {vcpus}")
         self.rsdp_address = address
@@ -174,10 +278,11 @@ class AcpiTables:
             cursor = at + len(blob)
             return at
 
-        dsdt = place(_table(b"DSDT", 2, _aml_s5() + _aml_pvpanic()))
+        dsdt = place(_table(b"DSDT", 2, _aml_s5() + _aml_pvpanic() + (_aml_pci(pci) if pci else b"")))
         fadt = place(_fadt(dsdt))
         madt = place(_madt(vcpus))
-        xsdt = place(_table(b"XSDT", 1, struct.pack("<QQ", fadt, madt)))
+        entries = [fadt, madt] + ([place(_mcfg(pci))] if pci else [])
+        xsdt = place(_table(b"XSDT", 1, struct.pack(f"<{len(entries)}Q", *entries)))
         rsdp = bytearray(struct.pack("<8sB6sBIIQB3x", b"RSD PTR ", 0, _OEM_ID, 2, 0, 36, xsdt, 0))
         rsdp[8] = _checksum(bytes(rsdp[:20]))
         rsdp[32] = _checksum(bytes(rsdp))
@@ -192,6 +297,6 @@ class AcpiTables:
 
 
 @functools.lru_cache(maxsize=32)
-def acpi_tables(vcpus: int, address: int = ACPI_START) -> AcpiTables:
-    """``AcpiTables(vcpus, address)``, built once per process for each pair."""
-    return AcpiTables(vcpus, address)
+def acpi_tables(vcpus: int, address: int = ACPI_START, pci: PciLayout | None = None) -> AcpiTables:
+    """``AcpiTables(vcpus, address, pci)``, built once per process for each combination."""
+    return AcpiTables(vcpus, address, pci)

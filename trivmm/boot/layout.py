@@ -1,11 +1,34 @@
-"""Where trivmm puts things in guest-physical memory (x86-64), Firecracker-like."""
+"""Where trivmm puts things in guest-physical memory (x86-64), Firecracker-like.
+
+The MMIO gap (3 GiB .. 4 GiB) when the VM has PCI (``PciLayout``)::
+
+    0xC000_0000 .. 0xE000_0000  PCI 32-bit MMIO window (512 MiB, BARs; naturally aligned
+                                up to 512 MiB, so a 256 MiB BAR still fits twice)
+    0xE000_0000 .. 0xE010_0000  PCI ECAM for bus 0 (1 MiB: 32 devices x 8 functions x 4 KiB),
+                                in MCFG and reserved by a PNP0C02 device in the DSDT;
+                                0xE010_0000 .. 0xF000_0000 kept free for more buses' ECAM
+    0xF000_0000 .. 0xFEC0_0000  free: non-PCI platform MMIO devices
+    0xFEC0_0000                 IOAPIC;  0xFEE0_0000 LAPIC;  0xFFFB_C000 KVM's TSS/identity map
+
+ECAM at 0xE000_0000 (not QEMU q35's 0xB000_0000, which sits below q35's variable RAM
+ceiling of 2.75 GiB; our RAM stops at 3 GiB): the base many Intel chipsets' PCIEXBAR uses,
+256 MiB-aligned so that a future 256-bus ECAM fits at the same base, and leaving the 32-bit
+window below it one contiguous, naturally aligned 512 MiB block. The 64-bit window starts at
+the first 1 GiB boundary above the end of RAM (4 GiB when RAM fits below the gap), so it
+never meets RAM and needs only a guest physical-address width of 37 bits for small VMs.
+PCI I/O BARs come from 0x1000..0xFFFF, above every legacy port trivmm models.
+"""
 
 from __future__ import annotations
+
+import attrs
 
 __all__ = ["GDT", "IDT", "PVH_START_INFO", "PVH_MEMMAP", "PVH_MODLIST", "ZERO_PAGE",
            "BOOT_STACK", "PML4", "PDPT", "PD", "PD_PAGES", "CMDLINE", "CMDLINE_MAX", "EBDA_START",
            "BIOS_START", "ACPI_START", "HIMEM_START", "MMIO_GAP_START", "MMIO_GAP_END",
-           "IOAPIC_ADDRESS", "LAPIC_ADDRESS", "MIN_MEMORY", "ram_ranges"]  # fmt: skip
+           "IOAPIC_ADDRESS", "LAPIC_ADDRESS", "MIN_MEMORY", "ram_ranges",
+           "PCI_ECAM_BASE", "PCI_MMIO32_BASE", "PCI_MMIO32_SIZE", "PCI_IO_BASE", "PCI_IO_SIZE",
+           "PCI_MMIO64_SIZE", "PCI_MMIO64_ALIGN", "PCI_INTX_GSIS", "PciLayout", "pci_layout"]  # fmt: skip
 
 GDT = 0x500
 IDT = 0x520
@@ -29,6 +52,14 @@ MMIO_GAP_END = 1 << 32
 IOAPIC_ADDRESS = 0xFEC0_0000
 LAPIC_ADDRESS = 0xFEE0_0000
 MIN_MEMORY = 2 << 20
+PCI_MMIO32_BASE = 0xC000_0000
+PCI_MMIO32_SIZE = 0x2000_0000  # up to the ECAM
+PCI_ECAM_BASE = 0xE000_0000
+PCI_IO_BASE = 0x1000
+PCI_IO_SIZE = 0x1_0000 - PCI_IO_BASE
+PCI_MMIO64_SIZE = 64 << 30
+PCI_MMIO64_ALIGN = 1 << 30
+PCI_INTX_GSIS = (16, 17, 18, 19)  # IOAPIC pins KVM routes only to the IOAPIC (no PIC, no ISA device)
 
 
 def ram_ranges(memory_size: int) -> list[tuple[int, int]]:
@@ -40,3 +71,41 @@ def ram_ranges(memory_size: int) -> list[tuple[int, int]]:
     if memory_size > low:
         ranges.append((MMIO_GAP_END, memory_size - low))
     return ranges
+
+
+@attrs.frozen
+class PciLayout:
+    """Where the PCI host bridge decodes: one segment, buses ``0..ecam_buses-1`` (ECAM at
+    ``ecam_base``, 1 MiB per bus), and the windows the VMM hands BARs out of (and the DSDT's
+    ``\\_SB.PCI0._CRS`` announces). ``intx_gsis``: the IOAPIC GSIs INTA..INTD are swizzled
+    onto. Hashable: the ACPI tables built for a layout are cached per process."""
+
+    mmio64_base: int
+    mmio64_size: int = PCI_MMIO64_SIZE
+    ecam_base: int = PCI_ECAM_BASE
+    ecam_buses: int = 1
+    io_base: int = PCI_IO_BASE
+    io_size: int = PCI_IO_SIZE
+    mmio32_base: int = PCI_MMIO32_BASE
+    mmio32_size: int = PCI_MMIO32_SIZE
+    intx_gsis: tuple[int, ...] = PCI_INTX_GSIS
+
+    @property
+    def ecam_size(self) -> int:
+        return self.ecam_buses << 20
+
+    def intx_gsi(self, slot: int, pin: int) -> int:
+        """The GSI of ``pin`` (1 = INTA .. 4 = INTD) of the device in ``slot``: the usual
+        swizzle, so that INTA of neighbouring slots lands on different lines."""
+        if not 1 <= pin <= 4:
+            raise ValueError(f"interrupt pin must be 1..4 (INTA..INTD), not {pin}")
+        return self.intx_gsis[(slot + pin - 1) % len(self.intx_gsis)]
+
+
+def pci_layout(memory_size: int) -> PciLayout:
+    """The PCI layout for a VM of ``memory_size`` bytes of RAM: everything fixed but the
+    64-bit window, which starts at the first ``PCI_MMIO64_ALIGN`` boundary above RAM."""
+    ram_end = max(base + size for base, size in ram_ranges(memory_size))
+    start = max(ram_end, MMIO_GAP_END)
+    start = (start + PCI_MMIO64_ALIGN - 1) // PCI_MMIO64_ALIGN * PCI_MMIO64_ALIGN
+    return PciLayout(mmio64_base=start)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
+
+import attrs
 
 from trivmm.kvm._ffi import ffi
 from trivmm.kvm._ioctl import ULONG, FdObject
@@ -10,6 +13,8 @@ from trivmm.kvm.constants import (
     IOEVENTFD_FLAG_DATAMATCH,
     IOEVENTFD_FLAG_DEASSIGN,
     IOEVENTFD_FLAG_PIO,
+    IRQ_ROUTING_IRQCHIP,
+    IRQ_ROUTING_MSI,
     IRQFD_FLAG_DEASSIGN,
     Cap,
 )
@@ -18,7 +23,35 @@ if TYPE_CHECKING:
     from trivmm.kvm.system import Kvm
     from trivmm.kvm.vcpu import Vcpu
 
-__all__ = ["Vm"]
+__all__ = ["Vm", "IrqchipRoute", "MsiRoute", "IrqRoute", "IRQCHIP_PIC_MASTER", "IRQCHIP_PIC_SLAVE",
+           "IRQCHIP_IOAPIC", "MAX_IRQ_ROUTES"]  # fmt: skip
+
+# struct kvm_irq_routing_irqchip.irqchip (<linux/kvm.h>: KVM_IRQCHIP_*)
+IRQCHIP_PIC_MASTER = 0
+IRQCHIP_PIC_SLAVE = 1
+IRQCHIP_IOAPIC = 2
+MAX_IRQ_ROUTES = 4096  # x86 KVM_MAX_IRQ_ROUTES: GSIs are 0..4095
+
+
+@attrs.frozen
+class IrqchipRoute:
+    """A GSI wired to a pin of an in-kernel interrupt controller (``IRQCHIP_*``)."""
+
+    gsi: int
+    irqchip: int
+    pin: int
+
+
+@attrs.frozen
+class MsiRoute:
+    """A GSI that sends the MSI message (``address``, ``data``) when raised."""
+
+    gsi: int
+    address: int
+    data: int
+
+
+IrqRoute = IrqchipRoute | MsiRoute
 
 # Intel VMX needs three pages for the real-mode TSS and one for the identity map, at
 # addresses no guest RAM uses; these are the ones QEMU and Firecracker pick.
@@ -92,6 +125,26 @@ class Vm(FdObject):
         self.ioctl("KVM_IOEVENTFD", ffi.new("struct kvm_ioeventfd *", {
             "datamatch": datamatch or 0, "addr": addr, "len": length, "fd": eventfd, "flags": flags,
         }))  # fmt: skip
+
+    def set_gsi_routing(self, routes: Sequence[IrqRoute]) -> None:
+        """KVM_SET_GSI_ROUTING: make ``routes`` the VM's whole GSI routing table. It replaces
+        the table, KVM's default routes (GSIs 0..23 to the PIC and IOAPIC) included: a
+        caller that adds MSI routes passes the defaults too."""
+        self.kvm.require(Cap.IRQ_ROUTING)
+        table = ffi.new("struct kvm_irq_routing *", {"nr": len(routes), "entries": max(len(routes), 1)})
+        for index, route in enumerate(routes):
+            entry = table.entries[index]
+            entry.gsi = route.gsi
+            if isinstance(route, MsiRoute):
+                entry.type = IRQ_ROUTING_MSI
+                entry.u.msi.address_lo = route.address & 0xFFFF_FFFF
+                entry.u.msi.address_hi = route.address >> 32
+                entry.u.msi.data = route.data
+            else:
+                entry.type = IRQ_ROUTING_IRQCHIP
+                entry.u.irqchip.irqchip = route.irqchip
+                entry.u.irqchip.pin = route.pin
+        self.ioctl("KVM_SET_GSI_ROUTING", table)
 
     def signal_msi(self, address: int, data: int) -> int:
         msi = ffi.new("struct kvm_msi *", {"address_lo": address & 0xFFFF_FFFF,
