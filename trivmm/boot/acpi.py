@@ -206,6 +206,24 @@ def _aml_pci(pci: PciLayout) -> bytes:
     return _aml_scope(_AML_ROOT + b"_SB_", _aml_device(b"PCI0", root) + _aml_device(b"MBRD", board))
 
 
+# Extended interrupt descriptor flags: ResourceConsumer, edge-triggered, active-high, exclusive.
+_RES_EXTENDED_IRQ, _IRQ_CONSUMER_EDGE = 0x89, 0x03
+VIRTIO_MMIO_HID = "LNRO0005"
+
+
+def _aml_virtio_mmio(devices: tuple[tuple[int, int, int], ...]) -> bytes:
+    """One ``LNRO0005`` device per virtio-mmio transport: (base, size, gsi) -> its
+    registers in ``_CRS`` and its edge-triggered interrupt (the VMM raises it by irqfd)."""
+    body = b""
+    for index, (base, size, gsi) in enumerate(devices):
+        resources = struct.pack("<BHBII", _RES_MEMORY32_FIXED, 9, _MEMORY_READ_WRITE, base, size)
+        resources += struct.pack("<BHBBI", _RES_EXTENDED_IRQ, 6, _IRQ_CONSUMER_EDGE, 1, gsi)
+        device = _aml_name(b"_HID", _aml_string(VIRTIO_MMIO_HID)) + _aml_name(b"_UID", _aml_integer(index))
+        device += _aml_name(b"_CRS", _aml_buffer(resources + bytes([_RES_END, 0])))
+        body += _aml_device(f"VR{index:02X}".encode(), device)
+    return _aml_scope(_AML_ROOT + b"_SB_", body) if body else b""
+
+
 def _mcfg(pci: PciLayout) -> bytes:
     """MCFG: one allocation, segment 0, buses 0..ecam_buses-1, after 8 reserved bytes."""
     return _table(b"MCFG", 1, bytes(8) + struct.pack("<QHBB4x", pci.ecam_base, 0, 0, pci.ecam_buses - 1))
@@ -264,7 +282,8 @@ class AcpiTables:
 
     __slots__ = ("blobs", "rsdp_address")
 
-    def __init__(self, vcpus: int, address: int = ACPI_START, pci: PciLayout | None = None) -> None:
+    def __init__(self, vcpus: int, address: int = ACPI_START, pci: PciLayout | None = None,
+                 virtio_mmio: tuple[tuple[int, int, int], ...] = ()) -> None:  # fmt: skip
         if not 1 <= vcpus <= 255:
             raise ValueError(f"the MADT describes 1..255 CPUs here, not {vcpus}")
         self.rsdp_address = address
@@ -278,7 +297,8 @@ class AcpiTables:
             cursor = at + len(blob)
             return at
 
-        dsdt = place(_table(b"DSDT", 2, _aml_s5() + _aml_pvpanic() + (_aml_pci(pci) if pci else b"")))
+        devices = _aml_s5() + _aml_pvpanic() + (_aml_pci(pci) if pci else b"") + _aml_virtio_mmio(virtio_mmio)
+        dsdt = place(_table(b"DSDT", 2, devices))
         fadt = place(_fadt(dsdt))
         madt = place(_madt(vcpus))
         entries = [fadt, madt] + ([place(_mcfg(pci))] if pci else [])
@@ -297,6 +317,7 @@ class AcpiTables:
 
 
 @functools.lru_cache(maxsize=32)
-def acpi_tables(vcpus: int, address: int = ACPI_START, pci: PciLayout | None = None) -> AcpiTables:
-    """``AcpiTables(vcpus, address, pci)``, built once per process for each combination."""
-    return AcpiTables(vcpus, address, pci)
+def acpi_tables(vcpus: int, address: int = ACPI_START, pci: PciLayout | None = None,
+                virtio_mmio: tuple[tuple[int, int, int], ...] = ()) -> AcpiTables:  # fmt: skip
+    """``AcpiTables(...)``, built once per process for each combination."""
+    return AcpiTables(vcpus, address, pci, virtio_mmio)

@@ -34,6 +34,7 @@ from trivmm.boot.acpi import acpi_tables
 from trivmm.boot.bzimage import KernelImageError, SetupHeader, extract_vmlinux, payload_compression
 from trivmm.boot.e820 import E820Entry, memory_map
 from trivmm.boot.elf import ElfImage
+from trivmm.boot.layout import PciLayout
 from trivmm.boot.mptable import build_mptable
 from trivmm.memory import GuestMemory, GuestMemoryError
 
@@ -258,8 +259,10 @@ def _unpack_bzimage(kernel: bytes, *, required: bool) -> tuple[ElfImage, str] | 
 
 
 def load_kernel(memory: GuestMemory, kernel: bytes, *, initrd: bytes | None = None,
-                cmdline: str = "", vcpus: int = 1, protocol: str = "auto") -> BootEntry:  # fmt: skip
-    """Lay out the kernel and everything it is booted with; return the BSP's entry state."""
+                cmdline: str = "", vcpus: int = 1, protocol: str = "auto", pci: PciLayout | None = None,
+                virtio_mmio: tuple[tuple[int, int, int], ...] = ()) -> BootEntry:  # fmt: skip
+    """Lay out the kernel and everything it is booted with; return the BSP's entry state.
+    ``pci`` and ``virtio_mmio`` ((base, size, gsi) each) are announced in the ACPI tables."""
     if protocol not in ("auto", "linux64", "pvh"):
         raise ValueError(f"unknown boot protocol {protocol!r} (auto, linux64, pvh)")
     elf: ElfImage | None = None
@@ -295,7 +298,7 @@ def load_kernel(memory: GuestMemory, kernel: bytes, *, initrd: bytes | None = No
     _write_page_tables(memory)
     _write_gdt(memory, mode)
     memory.write(layout.EBDA_START, build_mptable(vcpus))
-    acpi = acpi_tables(vcpus)
+    acpi = acpi_tables(vcpus, pci=pci, virtio_mmio=virtio_mmio)
     for address, blob in acpi.blobs:
         memory.write(address, blob)
     e820, pvh_memmap = _memory_map(tuple((r.guest_base, r.size) for r in memory))

@@ -1,0 +1,268 @@
+"""``VirtioCore``: what the PCI and MMIO transports share -- feature negotiation, the status
+state machine, queue configuration, activation and reset -- over one ``VirtioDevice``.
+
+A transport maps its registers onto these methods (on vCPU threads) and supplies how an
+interrupt reaches the driver. The device's backend runs in the VM's event loop: the core's
+``service()`` is a VM task (``VM.add_service``) that starts ``device.serve(activation)``
+when the driver sets DRIVER_OK and cancels it at reset. Calls from the vCPU thread into the
+loop go through a ``LoopCaller``: they never wait for the loop.
+
+The ordering rules of resets and in-flight requests are in ``trivmm.devices.virtio.device``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import anyio
+import anyio.abc
+
+from trivmm._threads import LoopCaller
+from trivmm.devices.virtio.constants import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC
+from trivmm.devices.virtio.device import (
+    STATUS_DEVICE_NEEDS_RESET,
+    STATUS_DRIVER_OK,
+    STATUS_FAILED,
+    STATUS_FEATURES_OK,
+    VIRTIO_F_VERSION_1,
+    Activation,
+    VirtioDevice,
+)
+from trivmm.devices.virtio.queue import SplitQueue, VirtqueueError
+from trivmm.eventfd import EventFd
+from trivmm.memory import GuestMemory
+
+__all__ = ["VirtioCore", "QUEUE_FIELDS"]
+
+_log = logging.getLogger(__name__)
+_U32 = 0xFFFF_FFFF
+# Queue fields a transport's registers set: the SplitQueue attribute and its 32-bit half.
+QUEUE_FIELDS = {
+    "desc_lo": ("desc_addr", 0), "desc_hi": ("desc_addr", 32),
+    "avail_lo": ("avail_addr", 0), "avail_hi": ("avail_addr", 32),
+    "used_lo": ("used_addr", 0), "used_hi": ("used_addr", 32),
+}  # fmt: skip
+
+
+class VirtioCore:
+    """The transport-independent registers of one virtio device (see the module docstring).
+
+    ``interrupt(queue_index)`` delivers a used-buffer notification, ``interrupt(None)`` a
+    configuration change; both are the transport's, called from any thread.
+    """
+
+    def __init__(self, device: VirtioDevice, memory: GuestMemory, interrupt: Callable[[int | None], None]) -> None:
+        self.device = device
+        self.memory = memory
+        self._interrupt = interrupt
+        self.queues = [SplitQueue(memory, max_size=size) for size in device.queue_sizes]
+        self.notifiers = [EventFd() for _ in device.queue_sizes]
+        self.offered = device.device_features | 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_INDIRECT_DESC \
+            | 1 << VIRTIO_F_EVENT_IDX  # fmt: skip
+        self.device_features_sel = 0
+        self.driver_features_sel = 0
+        self.driver_features = 0
+        self.status = 0
+        self.queue_sel = 0
+        self.config_generation = 0
+        # The loop side: set by service(); activations that come before it wait here.
+        self._caller: LoopCaller | None = None
+        self._pending: Activation | None = None
+        self._loop_lock = threading.Lock()
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._backends: dict[int, anyio.CancelScope] = {}  # generation -> its backend's scope
+
+    # --- registers (vCPU threads) ---------------------------------------------------------
+    @property
+    def lock(self) -> threading.Lock:
+        return self.device.lock
+
+    def device_features_word(self) -> int:
+        """The 32 feature bits selected by ``device_features_sel`` (0 beyond bit 63)."""
+        sel = self.device_features_sel
+        return (self.offered >> (32 * sel)) & _U32 if sel < 2 else 0
+
+    def write_driver_features(self, value: int) -> None:
+        with self.lock:
+            if self.status & STATUS_FEATURES_OK or self.driver_features_sel > 1:
+                return  # fixed once FEATURES_OK is set
+            shift = 32 * self.driver_features_sel
+            self.driver_features = (self.driver_features & ~(_U32 << shift)) | (value & _U32) << shift
+
+    def driver_features_word(self) -> int:
+        sel = self.driver_features_sel
+        return (self.driver_features >> (32 * sel)) & _U32 if sel < 2 else 0
+
+    def write_status(self, value: int) -> None:
+        """The driver's status write: 0 resets; FEATURES_OK is taken only for a feature set
+        the device offered (with VERSION_1); DRIVER_OK starts the backend."""
+        value &= 0xFF
+        if value == 0:
+            self.reset()
+            return
+        activation = None
+        with self.lock:
+            old = self.status
+            if value & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
+                features = self.driver_features
+                if features & ~self.offered or not features >> VIRTIO_F_VERSION_1 & 1:
+                    _log.info("%s: the driver asked for features %#x of %#x offered: refused",
+                              self.device.name, features, self.offered)  # fmt: skip
+                    value &= ~STATUS_FEATURES_OK
+                else:
+                    event_idx = bool(features >> VIRTIO_F_EVENT_IDX & 1)
+                    for queue in self.queues:
+                        if not queue.ready:
+                            queue.event_idx = event_idx
+                    self.device.negotiated(features)
+            if value & STATUS_DRIVER_OK and not value & STATUS_FEATURES_OK:
+                value &= ~STATUS_DRIVER_OK  # DRIVER_OK without FEATURES_OK: not taken
+            # NEEDS_RESET is the device's to set; the driver can only add bits it may set.
+            self.status = (value & ~STATUS_DEVICE_NEEDS_RESET) | (old & STATUS_DEVICE_NEEDS_RESET)
+            if self.status & STATUS_DRIVER_OK and not old & STATUS_DRIVER_OK and not self.status & STATUS_FAILED:
+                activation = Activation(self.device, self.device.generation, self.queues, self.notifiers,
+                                        self._interrupt, self._broken)  # fmt: skip
+        if activation is not None:
+            self._activate(activation)
+
+    def reset(self) -> None:
+        """Back to power-on. In-flight requests of the old activation are dropped (see
+        ``device.py``); the backend is cancelled through the loop."""
+        with self.lock:
+            generation = self.device.generation
+            self.device.generation = generation + 1
+            for queue in self.queues:
+                queue.reset()
+            self.device.reset_state()
+            self.status = 0
+            self.driver_features = 0
+            self.device_features_sel = self.driver_features_sel = self.queue_sel = 0
+        for notifier in self.notifiers:
+            notifier.take()
+        self._call_on_loop(self._cancel_backend, generation)
+
+    @property
+    def queue(self) -> SplitQueue | None:
+        """The queue ``queue_sel`` selects, or None past the last."""
+        return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
+
+    def write_queue_size(self, value: int) -> None:
+        queue = self.queue
+        if queue is None or queue.ready:
+            return
+        with self.lock:
+            queue.size = value & 0xFFFF  # checked (power of two, <= max) when enabled
+
+    def write_queue_field(self, field: str, value: int) -> None:
+        """One 32-bit half of a ring address (``QUEUE_FIELDS``); ignored while enabled (the
+        spec forbids it)."""
+        queue = self.queue
+        if queue is None or queue.ready:
+            return
+        name, shift = QUEUE_FIELDS[field]
+        with self.lock:
+            old = getattr(queue, name)
+            setattr(queue, name, (old & ~(_U32 << shift)) | (value & _U32) << shift)
+
+    def read_queue_field(self, field: str) -> int:
+        queue = self.queue
+        if queue is None:
+            return 0
+        name, shift = QUEUE_FIELDS[field]
+        return (getattr(queue, name) >> shift) & _U32
+
+    def write_queue_ready(self, value: int) -> None:
+        """Enable the selected queue (its configuration checked); a bad one breaks the device."""
+        queue = self.queue
+        if queue is None or not value & 1 or queue.ready:
+            return  # disabling a queue is not allowed in virtio 1.x: reset the device instead
+        with self.lock:
+            try:
+                queue.set_ready(True)
+            except VirtqueueError as exc:
+                self._broken(f"queue {self.queue_sel}: {exc}")
+
+    def notify(self, index: int) -> None:
+        """A queue notification that reached the VMM (no ioeventfd took it)."""
+        if 0 <= index < len(self.notifiers):
+            self.notifiers[index].signal()
+
+    def config_changed(self) -> None:
+        """The device changed its configuration space: new generation, and tell the driver."""
+        with self.lock:
+            self.config_generation = (self.config_generation + 1) & 0xFF
+        self._interrupt(None)
+
+    def _broken(self, reason: str) -> None:
+        """Under the device lock: the guest broke a rule; DEVICE_NEEDS_RESET and a config
+        interrupt (if the driver is running), the VM lives on."""
+        _log.warning("%s: device needs reset: %s", self.device.name, reason)
+        already = self.status & STATUS_DEVICE_NEEDS_RESET
+        self.status |= STATUS_DEVICE_NEEDS_RESET
+        if not already:
+            self._call_on_loop(self._cancel_backend, self.device.generation)
+            if self.status & STATUS_DRIVER_OK:
+                self._interrupt(None)
+
+    # --- the loop side -------------------------------------------------------------------------
+    async def service(self) -> None:
+        """The VM task that runs this device's backend activations (``VM.add_service``)."""
+        try:
+            async with anyio.create_task_group() as task_group:
+                with self._loop_lock:
+                    self._caller = LoopCaller.current()
+                    self._task_group = task_group
+                    pending, self._pending = self._pending, None
+                if pending is not None:
+                    self._start_backend(pending)
+                await anyio.sleep_forever()
+        finally:
+            with self._loop_lock:
+                self._caller = None
+                self._task_group = None
+
+    def close(self) -> None:
+        for notifier in self.notifiers:
+            notifier.close()
+
+    def _activate(self, activation: Activation) -> None:
+        with self._loop_lock:
+            if self._caller is None:
+                self._pending = activation  # the service starts it
+                return
+            caller = self._caller
+        caller.call_soon(self._start_backend, activation)
+
+    def _call_on_loop(self, fn: Callable[..., object], *args: object) -> None:
+        with self._loop_lock:
+            caller = self._caller
+            if caller is None:
+                if self._pending is not None and not self._pending.current:
+                    self._pending = None
+                return
+        caller.call_soon(fn, *args)
+
+    def _start_backend(self, activation: Activation) -> None:
+        with self.lock:
+            startable = activation.current and not self.status & STATUS_DEVICE_NEEDS_RESET
+        if not startable or self._task_group is None:
+            return
+        scope = anyio.CancelScope()
+        self._backends[activation.generation] = scope
+        self._task_group.start_soon(self._run_backend, activation, scope)
+
+    async def _run_backend(self, activation: Activation, scope: anyio.CancelScope) -> None:
+        with scope:
+            try:
+                await self.device.serve(activation)
+            except Exception as exc:  # a device bug: this device stops, the VM lives on
+                _log.exception("%s: backend failed", self.device.name)
+                activation.broken(f"backend failed: {type(exc).__name__}: {exc}")
+        self._backends.pop(activation.generation, None)
+
+    def _cancel_backend(self, generation: int) -> None:
+        scope = self._backends.pop(generation, None)
+        if scope is not None:
+            scope.cancel()
