@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
                           "(a bzImage's gzip, xz, LZ4 or zstd payload unpacked by trivmm), else linux64 "
                           "(default auto)")  # fmt: skip
 
+    run.add_argument("--rng", action="store_true", help="a virtio-rng device fed from the host's random source")
+    run.add_argument("--transport", metavar="NAME", default="pci", choices=["pci", "mmio"],
+                     help="how virtio devices are attached: pci (virtio-pci with MSI-X, found by any guest) "
+                          "or mmio (virtio-mmio, announced in the ACPI DSDT) (default pci)")  # fmt: skip
+
     guest = sub.add_parser("guest", help="build test guests from Debian packages")
     guest_sub = guest.add_subparsers(dest="guest_command", required=True, metavar="ACTION")
     build = guest_sub.add_parser("build", help="build the Debian-based test guests into a cache directory",
@@ -118,7 +123,8 @@ def _run(args: argparse.Namespace) -> int:
     from trivmm.vm import VM
 
     config = VmConfig(kernel=args.kernel, initrd=args.initrd, append=args.append, memory=args.memory,
-                      vcpus=args.vcpus, cpu_template=args.cpu_template, boot_protocol=args.boot_protocol)  # fmt: skip
+                      vcpus=args.vcpus, cpu_template=args.cpu_template, boot_protocol=args.boot_protocol,
+                      transport=args.transport, rng=args.rng)  # fmt: skip
     async def main() -> int:
         stdin = _stdin_stream()
         try:

@@ -9,11 +9,12 @@ import attrs
 
 from trivmm.errors import ConfigError
 
-__all__ = ["VmConfig", "parse_size", "DEFAULT_LINUX_CMDLINE", "MAX_VCPUS", "BOOT_PROTOCOLS"]
+__all__ = ["VmConfig", "parse_size", "DEFAULT_LINUX_CMDLINE", "MAX_VCPUS", "BOOT_PROTOCOLS", "TRANSPORTS"]
 
 MAX_VCPUS = 64
 DEFAULT_LINUX_CMDLINE = "console=ttyS0 reboot=k io_delay=none"
 BOOT_PROTOCOLS = ("auto", "linux64", "pvh")
+TRANSPORTS = ("pci", "mmio")
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1 << 20, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -57,6 +58,12 @@ def _boot_protocol(value: str) -> str:
     return value
 
 
+def _transport(value: str) -> str:
+    if value not in TRANSPORTS:
+        raise ConfigError(f"unknown virtio transport {value!r} ({', '.join(TRANSPORTS)})")
+    return value
+
+
 def _path(value: str | Path | None) -> Path | None:
     return None if value is None else Path(value)
 
@@ -73,6 +80,10 @@ class VmConfig:
     cpu_template: str = attrs.field(default="auto", converter=_cpu_template)
     boot_protocol: str = attrs.field(default="auto", converter=_boot_protocol)
     cmdline_base: str = DEFAULT_LINUX_CMDLINE
+    # virtio devices, and the transport that carries them (PCI: what any guest finds with no
+    # hints; MMIO: the microVM option, announced in the ACPI DSDT).
+    transport: str = attrs.field(default="pci", converter=_transport)
+    rng: bool = False
 
     def read_kernel(self) -> bytes:
         if self.kernel is None:

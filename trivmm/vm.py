@@ -41,7 +41,7 @@ import anyio.lowlevel
 import attrs
 
 from trivmm._threads import LoopCaller, ensure_kick_handler, run_in_owned_thread
-from trivmm.boot.layout import ram_ranges
+from trivmm.boot.layout import VIRTIO_MMIO_BASE, VIRTIO_MMIO_GSIS, VIRTIO_MMIO_SLOT, ram_ranges
 from trivmm.boot.loader import BootEntry, check_kernel, load_kernel
 from trivmm.bus import MMIO_LIMIT, PIO_LIMIT, AddressSpace
 from trivmm.config import VmConfig
@@ -63,7 +63,11 @@ from trivmm.devices.i8042 import I8042, I8042_DATA_PORT, KEYBOARD_IRQ
 from trivmm.devices.pvpanic import PVPANIC_PORT, PvPanic
 from trivmm.devices.rtc import RTC_PORT, CmosRtc
 from trivmm.devices.serial import COM1_IRQ, COM1_PORT, Serial
+from trivmm.devices.virtio.device import VirtioDevice
+from trivmm.devices.virtio.mmio import MMIO_SIZE, NOTIFY_OFFSET, VirtioMmio
+from trivmm.devices.virtio.rng import RngDevice
 from trivmm.errors import ConfigError, TrivmmError, VmError
+from trivmm.eventfd import EventFd
 from trivmm.kvm import Kvm, KvmError
 from trivmm.kvm.vcpu import Vcpu
 from trivmm.kvm.vm import Vm
@@ -128,6 +132,8 @@ class VM:
         self.memory: GuestMemory | None = None
         self.vcpus: list[Vcpu] = []
         self.runners: list[VcpuRunner] = []
+        self.virtio_mmio: list[VirtioMmio] = []
+        self._eventfds: list[EventFd] = []  # interrupt eventfds bound as irqfds
         try:
             self._build(kernel, initrd, self._console_buffer)
         except BaseException:
@@ -156,8 +162,10 @@ class VM:
         self.pio.insert(ACPI_PM_PORT, ACPI_PM_SIZE, AcpiPm(self._power_off, self._reset))
         self.pio.insert(PVPANIC_PORT, 1, PvPanic(self._panicked))
 
+        mmio_devices = self._attach_virtio_mmio(self._virtio_devices()) if config.transport == "mmio" else ()
         self.boot: BootEntry = load_kernel(memory, kernel, initrd=initrd, cmdline=self.cmdline,
-                                           vcpus=config.vcpus, protocol=config.boot_protocol)  # fmt: skip
+                                           vcpus=config.vcpus, protocol=config.boot_protocol,
+                                           virtio_mmio=mmio_devices)  # fmt: skip
         supported = self.kvm.supported_cpuid()
         for index in range(config.vcpus):
             vcpu = vm.create_vcpu(index)
@@ -167,6 +175,36 @@ class VM:
                 set_entry_state(vcpu, self.boot)
             self.runners.append(VcpuRunner(vcpu, memory, self.pio, self.mmio, self._guest_stopped,
                                            self._paused_changed, vcpu_hooks(self.template, vcpu, memory)))  # fmt: skip
+
+    def _virtio_devices(self) -> list[VirtioDevice]:
+        """The virtio devices the configuration asks for, in a fixed order."""
+        devices: list[VirtioDevice] = []
+        if self.config.rng:
+            devices.append(RngDevice())
+        return devices
+
+    def _attach_virtio_mmio(self, devices: list[VirtioDevice]) -> tuple[tuple[int, int, int], ...]:
+        """Each device on its virtio-mmio transport: a register slot on the MMIO bus, an
+        ioeventfd per queue on QueueNotify (datamatch: the queue index), an irqfd on its own
+        GSI, its backend service. Returns (base, size, gsi) of each, for the DSDT."""
+        if len(devices) > len(VIRTIO_MMIO_GSIS):
+            raise ConfigError(f"at most {len(VIRTIO_MMIO_GSIS)} virtio-mmio devices, not {len(devices)}")
+        vm, memory = self.vm, self.memory
+        assert vm is not None and memory is not None
+        placed = []
+        for index, device in enumerate(devices):
+            base, gsi = VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SLOT, VIRTIO_MMIO_GSIS[index]
+            interrupt = EventFd()
+            self._eventfds.append(interrupt)
+            vm.irqfd(interrupt.fd, gsi)
+            transport = VirtioMmio(device, memory, interrupt)
+            self.virtio_mmio.append(transport)
+            self.mmio.insert(base, MMIO_SIZE, transport)
+            for queue, notifier in enumerate(transport.core.notifiers):
+                vm.ioeventfd(notifier.fd, base + NOTIFY_OFFSET, 4, datamatch=queue)
+            self._services.append(transport.core.service)
+            placed.append((base, MMIO_SIZE, gsi))
+        return tuple(placed)
 
     def add_service(self, service: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``service()`` as a task of the VM while its vCPUs run (a device backend
@@ -407,6 +445,12 @@ class VM:
                 if not self._vcpu_threads_done[index].wait(VCPU_STOP_TIMEOUT):
                     raise VmError(f"vCPU {index} did not stop within {VCPU_STOP_TIMEOUT} s; "
                                   "the VM's memory and fds are kept")  # fmt: skip
+        for transport in self.virtio_mmio:
+            transport.core.close()
+        self.virtio_mmio = []
+        for eventfd in self._eventfds:
+            eventfd.close()
+        self._eventfds = []
         for runner in self.runners:
             runner.close_vcpu()
         for vcpu in self.vcpus:

@@ -27,6 +27,7 @@ __all__ = ["GDT", "IDT", "PVH_START_INFO", "PVH_MEMMAP", "PVH_MODLIST", "ZERO_PA
            "BOOT_STACK", "PML4", "PDPT", "PD", "PD_PAGES", "CMDLINE", "CMDLINE_MAX", "EBDA_START",
            "BIOS_START", "ACPI_START", "HIMEM_START", "MMIO_GAP_START", "MMIO_GAP_END",
            "IOAPIC_ADDRESS", "LAPIC_ADDRESS", "MIN_MEMORY", "ram_ranges",
+           "VIRTIO_MMIO_BASE", "VIRTIO_MMIO_SLOT", "VIRTIO_MMIO_GSIS",
            "PCI_ECAM_BASE", "PCI_MMIO32_BASE", "PCI_MMIO32_SIZE", "PCI_IO_BASE", "PCI_IO_SIZE",
            "PCI_MMIO64_SIZE", "PCI_MMIO64_ALIGN", "PCI_INTX_GSIS", "PciLayout", "pci_layout"]  # fmt: skip
 
@@ -109,3 +110,11 @@ def pci_layout(memory_size: int) -> PciLayout:
     start = max(ram_end, MMIO_GAP_END)
     start = (start + PCI_MMIO64_ALIGN - 1) // PCI_MMIO64_ALIGN * PCI_MMIO64_ALIGN
     return PciLayout(mmio64_base=start)
+
+
+# virtio-mmio transports: one 4 KiB slot each from VIRTIO_MMIO_BASE (in the MMIO gap's part
+# left to non-PCI devices), each with its own edge-triggered GSI: IOAPIC pins no other
+# device uses (PCI INTx takes 16..19), then free ISA lines.
+VIRTIO_MMIO_BASE = 0xF000_0000
+VIRTIO_MMIO_SLOT = 0x1000
+VIRTIO_MMIO_GSIS = (20, 21, 22, 23, 5, 6, 7, 10, 11)
