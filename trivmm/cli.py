@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
                           "(default auto)")  # fmt: skip
 
     run.add_argument("--rng", action="store_true", help="a virtio-rng device fed from the host's random source")
+    run.add_argument("--net", metavar="tap[=NAME][,mac=MAC]", action="append", default=[],
+                     help="a virtio-net NIC on a host tap: NAME is attached to (or created), none "
+                          "creates trivmmN (needs CAP_NET_ADMIN); MAC default: random 02:xx:xx:xx:xx:xx "
+                          "(repeatable)")  # fmt: skip
     run.add_argument("--transport", metavar="NAME", default="pci", choices=["pci", "mmio"],
                      help="how virtio devices are attached: pci (virtio-pci with MSI-X, found by any guest) "
                           "or mmio (virtio-mmio, announced in the ACPI DSDT) (default pci)")  # fmt: skip
@@ -118,13 +122,14 @@ def _write_stdout(data: bytes) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from trivmm.config import VmConfig
+    from trivmm.config import NetConfig, VmConfig
     from trivmm.vcpu import StopReason
     from trivmm.vm import VM
 
     config = VmConfig(kernel=args.kernel, initrd=args.initrd, append=args.append, memory=args.memory,
                       vcpus=args.vcpus, cpu_template=args.cpu_template, boot_protocol=args.boot_protocol,
-                      transport=args.transport, rng=args.rng)  # fmt: skip
+                      transport=args.transport, rng=args.rng,
+                      net=tuple(NetConfig.parse(spec) for spec in args.net))  # fmt: skip
     async def main() -> int:
         stdin = _stdin_stream()
         try:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import attrs
 
 from trivmm.errors import ConfigError
 
-__all__ = ["VmConfig", "parse_size", "DEFAULT_LINUX_CMDLINE", "MAX_VCPUS", "BOOT_PROTOCOLS", "TRANSPORTS"]
+__all__ = ["VmConfig", "parse_size", "DEFAULT_LINUX_CMDLINE", "MAX_VCPUS", "BOOT_PROTOCOLS", "TRANSPORTS", "NetConfig"]
 
 MAX_VCPUS = 64
 DEFAULT_LINUX_CMDLINE = "console=ttyS0 reboot=k io_delay=none"
@@ -68,6 +69,55 @@ def _path(value: str | Path | None) -> Path | None:
     return None if value is None else Path(value)
 
 
+def _mac(instance: object, attribute: object, value: str | None) -> None:
+    if value is not None:
+        from trivmm.net import parse_mac
+
+        parse_mac(value)  # ConfigError if it is not a unicast address
+
+
+def _options(text: str, what: str, usage: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    """``key=value`` items of a comma-separated device option, each key at most once."""
+    options: dict[str, str] = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in allowed or key in options:
+            raise ConfigError(f"bad {what} option {item!r} ({usage})")
+        options[key] = value.strip()
+    return options
+
+
+@attrs.frozen
+class NetConfig:
+    """A virtio-net NIC whose wire is a host tap: ``tap`` names the tap to attach to (created
+    if missing, which needs CAP_NET_ADMIN); None creates ``trivmm%d``. ``mac``: the guest's
+    address, e.g. "52:54:00:12:34:56"; None: a random locally-administered one."""
+
+    tap: str | None = None
+    mac: str | None = attrs.field(default=None, validator=_mac)
+
+    @classmethod
+    def parse(cls, text: str) -> NetConfig:
+        """``tap[=NAME][,mac=MAC]`` (the CLI's ``--net``)."""
+        usage = "tap[=NAME][,mac=MAC]"
+        kind, _, rest = text.partition(",")
+        name, eq, tap = kind.partition("=")
+        if name.strip() != "tap":
+            raise ConfigError(f"bad --net {text!r}: only tap networking exists ({usage})")
+        if eq and not tap.strip():
+            raise ConfigError(f"bad --net {text!r}: an empty tap name")
+        options = _options(rest, "--net", usage, ("mac",))
+        return cls(tap=tap.strip() or None, mac=options.get("mac"))
+
+
+def _nets(value: Iterable[NetConfig]) -> tuple[NetConfig, ...]:
+    nets = tuple(value)
+    if not all(isinstance(net, NetConfig) for net in nets):
+        raise ConfigError("net takes NetConfig values")
+    return nets
+
+
 @attrs.frozen
 class VmConfig:
     """A VM's shape. ``kernel=None`` boots the built-in guest shipped with trivmm."""
@@ -84,6 +134,7 @@ class VmConfig:
     # hints; MMIO: the microVM option, announced in the ACPI DSDT).
     transport: str = attrs.field(default="pci", converter=_transport)
     rng: bool = False
+    net: tuple[NetConfig, ...] = attrs.field(default=(), converter=_nets)
 
     def read_kernel(self) -> bytes:
         if self.kernel is None:

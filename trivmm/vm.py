@@ -65,6 +65,7 @@ from trivmm.devices.rtc import RTC_PORT, CmosRtc
 from trivmm.devices.serial import COM1_IRQ, COM1_PORT, Serial
 from trivmm.devices.virtio.device import VirtioDevice
 from trivmm.devices.virtio.mmio import MMIO_SIZE, NOTIFY_OFFSET, VirtioMmio
+from trivmm.devices.virtio.net import NetDevice
 from trivmm.devices.virtio.rng import RngDevice
 from trivmm.errors import ConfigError, TrivmmError, VmError
 from trivmm.eventfd import EventFd
@@ -133,6 +134,7 @@ class VM:
         self.vcpus: list[Vcpu] = []
         self.runners: list[VcpuRunner] = []
         self.virtio_mmio: list[VirtioMmio] = []
+        self.virtio_devices: list[VirtioDevice] = []  # closed by close(), after their backends
         self._eventfds: list[EventFd] = []  # interrupt eventfds bound as irqfds
         try:
             self._build(kernel, initrd, self._console_buffer)
@@ -178,9 +180,13 @@ class VM:
 
     def _virtio_devices(self) -> list[VirtioDevice]:
         """The virtio devices the configuration asks for, in a fixed order."""
-        devices: list[VirtioDevice] = []
+        from trivmm.net import Tap, parse_mac
+
+        devices = self.virtio_devices
         if self.config.rng:
             devices.append(RngDevice())
+        for nic in self.config.net:
+            devices.append(NetDevice(Tap.open(nic.tap), parse_mac(nic.mac) if nic.mac else None))
         return devices
 
     def _attach_virtio_mmio(self, devices: list[VirtioDevice]) -> tuple[tuple[int, int, int], ...]:
@@ -451,6 +457,9 @@ class VM:
         for eventfd in self._eventfds:
             eventfd.close()
         self._eventfds = []
+        for device in self.virtio_devices:
+            device.close()
+        self.virtio_devices = []
         for runner in self.runners:
             runner.close_vcpu()
         for vcpu in self.vcpus:

@@ -166,6 +166,9 @@ class VirtioDevice:
     def reset_state(self) -> None:
         """Device-specific state back to power-on (under ``lock``, on a vCPU thread)."""
 
+    def close(self) -> None:
+        """Release host resources (a tap, an image, sockets) once the VM has stopped."""
+
     async def serve(self, active: Activation) -> None:
         """The backend: serve the queues until cancelled (the device was reset or the VM
         stopped). The default serves each queue with ``handle``."""
