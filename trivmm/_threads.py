@@ -30,6 +30,7 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.lowlevel
+import sniffio
 
 from trivmm.errors import VmError
 
@@ -73,6 +74,14 @@ def _name_os_thread(name: str) -> None:
     _libc.pthread_setname_np(_libc.pthread_self(), name.encode()[:15])
 
 
+def _as_asyncio(fn: Callable[..., object], args: tuple[Any, ...]) -> None:
+    token = sniffio.current_async_library_cvar.set("asyncio")
+    try:
+        fn(*args)
+    finally:
+        sniffio.current_async_library_cvar.reset(token)
+
+
 class LoopCaller:
     """Schedules calls on one event loop from any thread, without waiting for them."""
 
@@ -88,7 +97,15 @@ class LoopCaller:
         run_sync_soon = getattr(native, "run_sync_soon", None)  # trio.lowlevel.TrioToken
         if run_sync_soon is not None:
             return cls(run_sync_soon)
-        return cls(native.call_soon_threadsafe)  # type: ignore[attr-defined]  # asyncio loop
+        call_soon_threadsafe = native.call_soon_threadsafe  # type: ignore[attr-defined]  # asyncio loop
+
+        def call_soon(fn: Callable[..., object], *args: Any) -> None:
+            # A callback on asyncio runs outside any task, where anyio cannot tell which
+            # event loop it is on (trio's callbacks carry it). Say so, for the callback's
+            # anyio calls (a cancel scope, a task group's start_soon).
+            call_soon_threadsafe(_as_asyncio, fn, args)
+
+        return cls(call_soon)
 
     def call_soon(self, fn: Callable[..., object], *args: Any) -> None:
         """Run ``fn(*args)`` on the loop's thread soon; a finished loop drops the call."""

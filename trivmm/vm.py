@@ -41,7 +41,7 @@ import anyio.lowlevel
 import attrs
 
 from trivmm._threads import LoopCaller, ensure_kick_handler, run_in_owned_thread
-from trivmm.boot.layout import VIRTIO_MMIO_BASE, VIRTIO_MMIO_GSIS, VIRTIO_MMIO_SLOT, ram_ranges
+from trivmm.boot.layout import VIRTIO_MMIO_BASE, VIRTIO_MMIO_GSIS, VIRTIO_MMIO_SLOT, PciLayout, pci_layout, ram_ranges
 from trivmm.boot.loader import BootEntry, check_kernel, load_kernel
 from trivmm.bus import MMIO_LIMIT, PIO_LIMIT, AddressSpace
 from trivmm.config import VmConfig
@@ -60,16 +60,19 @@ from trivmm.cpu.setup import configure_vcpu, set_entry_state, vcpu_cpuid
 from trivmm.cpu.templates import CpuTemplate, get_template
 from trivmm.devices.acpi_pm import ACPI_PM_PORT, ACPI_PM_SIZE, AcpiPm
 from trivmm.devices.i8042 import I8042, I8042_DATA_PORT, KEYBOARD_IRQ
+from trivmm.devices.pci import GsiRouter, PciRoot
 from trivmm.devices.pvpanic import PVPANIC_PORT, PvPanic
 from trivmm.devices.rtc import RTC_PORT, CmosRtc
 from trivmm.devices.serial import COM1_IRQ, COM1_PORT, Serial
 from trivmm.devices.virtio.device import VirtioDevice
 from trivmm.devices.virtio.mmio import MMIO_SIZE, NOTIFY_OFFSET, VirtioMmio
 from trivmm.devices.virtio.net import NetDevice
+from trivmm.devices.virtio.pci import NotifyRegion, VirtioPci
 from trivmm.devices.virtio.rng import RngDevice
 from trivmm.errors import ConfigError, TrivmmError, VmError
 from trivmm.eventfd import EventFd
 from trivmm.kvm import Kvm, KvmError
+from trivmm.kvm.constants import Cap
 from trivmm.kvm.vcpu import Vcpu
 from trivmm.kvm.vm import Vm
 from trivmm.memory import GuestMemory
@@ -134,6 +137,8 @@ class VM:
         self.vcpus: list[Vcpu] = []
         self.runners: list[VcpuRunner] = []
         self.virtio_mmio: list[VirtioMmio] = []
+        self.virtio_pci: list[VirtioPci] = []
+        self.pci: PciRoot | None = None  # the PCI host bridge, when a device is on PCI
         self.virtio_devices: list[VirtioDevice] = []  # closed by close(), after their backends
         self._eventfds: list[EventFd] = []  # interrupt eventfds bound as irqfds
         try:
@@ -164,10 +169,16 @@ class VM:
         self.pio.insert(ACPI_PM_PORT, ACPI_PM_SIZE, AcpiPm(self._power_off, self._reset))
         self.pio.insert(PVPANIC_PORT, 1, PvPanic(self._panicked))
 
-        mmio_devices = self._attach_virtio_mmio(self._virtio_devices()) if config.transport == "mmio" else ()
+        devices = self._virtio_devices()
+        mmio_devices: tuple[tuple[int, int, int], ...] = ()
+        pci: PciLayout | None = None
+        if devices and config.transport == "mmio":
+            mmio_devices = self._attach_virtio_mmio(devices)
+        elif devices:
+            pci = self._attach_virtio_pci(devices)
         self.boot: BootEntry = load_kernel(memory, kernel, initrd=initrd, cmdline=self.cmdline,
                                            vcpus=config.vcpus, protocol=config.boot_protocol,
-                                           virtio_mmio=mmio_devices)  # fmt: skip
+                                           pci=pci, virtio_mmio=mmio_devices)  # fmt: skip
         supported = self.kvm.supported_cpuid()
         for index in range(config.vcpus):
             vcpu = vm.create_vcpu(index)
@@ -211,6 +222,37 @@ class VM:
             self._services.append(transport.core.service)
             placed.append((base, MMIO_SIZE, gsi))
         return tuple(placed)
+
+    def _attach_virtio_pci(self, devices: list[VirtioDevice]) -> PciLayout:
+        """A PCI host bridge (config mechanism #1 and ECAM) with each device on its own slot:
+        BAR 0 pre-assigned (the guest may move it: the notify ioeventfds follow), MSI-X
+        vectors routed through KVM's GSI table to irqfds, INTx as the fallback."""
+        vm, memory = self.vm, self.memory
+        assert vm is not None and memory is not None
+        layout = pci_layout(self.config.memory)
+        self.pci = root = PciRoot(self.pio, self.mmio, layout, self._irq_line)
+        router = GsiRouter(vm)
+        length = 0 if self.kvm.check_extension(Cap.IOEVENTFD_ANY_LENGTH) > 0 else 2
+        for device in devices:
+            transport = VirtioPci(device, memory, router, ioeventfd_length=length)
+            transport.rebind_notify = functools.partial(self._rebind_notify, transport)
+            self.virtio_pci.append(transport)
+            root.add(transport)
+            self._services.append(transport.core.service)
+        return layout
+
+    def _rebind_notify(self, transport: VirtioPci, unbind: list[NotifyRegion], bind: list[NotifyRegion]) -> None:
+        """Move a virtio-pci device's notify ioeventfds with its BAR (a vCPU thread, when the
+        guest re-assigns BARs)."""
+        vm = self.vm
+        if vm is None:
+            return
+        notifiers = transport.core.notifiers
+        for region in unbind:
+            vm.ioeventfd(notifiers[region.queue].fd, region.address, region.length,
+                         datamatch=region.datamatch, deassign=True)  # fmt: skip
+        for region in bind:
+            vm.ioeventfd(notifiers[region.queue].fd, region.address, region.length, datamatch=region.datamatch)
 
     def add_service(self, service: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``service()`` as a task of the VM while its vCPUs run (a device backend
@@ -454,6 +496,10 @@ class VM:
         for transport in self.virtio_mmio:
             transport.core.close()
         self.virtio_mmio = []
+        if self.pci is not None:
+            self.pci.close()  # the functions' MSI-X irqfds and eventfds, while the VM fd is open
+            self.pci = None
+        self.virtio_pci = []
         for eventfd in self._eventfds:
             eventfd.close()
         self._eventfds = []

@@ -50,6 +50,7 @@ class Cap(enum.IntEnum):
     PIT2 = 33
     PIT_STATE2 = 35
     IOEVENTFD = 36
+    IOEVENTFD_ANY_LENGTH = 122
     SET_IDENTITY_MAP_ADDR = 37
     ADJUST_CLOCK = 39
     VCPU_EVENTS = 41

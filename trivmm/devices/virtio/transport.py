@@ -38,6 +38,7 @@ __all__ = ["VirtioCore", "QUEUE_FIELDS"]
 
 _log = logging.getLogger(__name__)
 _U32 = 0xFFFF_FFFF
+_STATUS_BITS = 0x01 | 0x02 | 0x04 | 0x08 | STATUS_DEVICE_NEEDS_RESET | STATUS_FAILED
 # Queue fields a transport's registers set: the SplitQueue attribute and its 32-bit half.
 QUEUE_FIELDS = {
     "desc_lo": ("desc_addr", 0), "desc_hi": ("desc_addr", 32),
@@ -98,10 +99,10 @@ class VirtioCore:
     def write_status(self, value: int) -> None:
         """The driver's status write: 0 resets; FEATURES_OK is taken only for a feature set
         the device offered (with VERSION_1); DRIVER_OK starts the backend."""
-        value &= 0xFF
-        if value == 0:
+        if value & 0xFF == 0:
             self.reset()
             return
+        value &= _STATUS_BITS  # reserved bits are not stored
         activation = None
         with self.lock:
             old = self.status
@@ -119,8 +120,10 @@ class VirtioCore:
                     self.device.negotiated(features)
             if value & STATUS_DRIVER_OK and not value & STATUS_FEATURES_OK:
                 value &= ~STATUS_DRIVER_OK  # DRIVER_OK without FEATURES_OK: not taken
-            # NEEDS_RESET is the device's to set; the driver can only add bits it may set.
-            self.status = (value & ~STATUS_DEVICE_NEEDS_RESET) | (old & STATUS_DEVICE_NEEDS_RESET)
+            # A driver never clears a status bit (only a reset does), and NEEDS_RESET is the
+            # device's to set: bits the driver drops are kept, so DRIVER_OK cannot be withdrawn
+            # from under a running backend.
+            self.status = (value & ~STATUS_DEVICE_NEEDS_RESET) | old
             if self.status & STATUS_DRIVER_OK and not old & STATUS_DRIVER_OK and not self.status & STATUS_FAILED:
                 activation = Activation(self.device, self.device.generation, self.queues, self.notifiers,
                                         self._interrupt, self._broken)  # fmt: skip
