@@ -19,13 +19,13 @@ when /dev/kvm cannot be used).
 
 from trivmm._threads import ensure_kick_handler as install_signal_handler
 from trivmm.boot.bzimage import KernelImageError
-from trivmm.config import NetConfig, VmConfig, parse_size
+from trivmm.config import DiskConfig, NetConfig, VmConfig, parse_size
 from trivmm.console import ConsoleStream
 from trivmm.errors import ConfigError, TrivmmError, VcpuError, VmError
 from trivmm.kvm import KvmError, KvmUnavailable
 from trivmm.vcpu import StopReason
 from trivmm.vm import VM, VmExit, open_vm
 
-__all__ = ["VM", "open_vm", "VmConfig", "NetConfig", "VmExit", "StopReason", "ConsoleStream", "TrivmmError",
-           "ConfigError", "VmError", "VcpuError", "KernelImageError", "KvmError", "KvmUnavailable", "parse_size",
-           "install_signal_handler"]  # fmt: skip
+__all__ = ["VM", "open_vm", "VmConfig", "DiskConfig", "NetConfig", "VmExit", "StopReason", "ConsoleStream",
+           "TrivmmError", "ConfigError", "VmError", "VcpuError", "KernelImageError", "KvmError", "KvmUnavailable",
+           "parse_size", "install_signal_handler"]  # fmt: skip

@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
                           "(a bzImage's gzip, xz, LZ4 or zstd payload unpacked by trivmm), else linux64 "
                           "(default auto)")  # fmt: skip
 
+    run.add_argument("--disk", metavar="PATH[,format=F][,readonly=on][,serial=S]", action="append", default=[],
+                     help="a virtio-blk disk: a raw, qcow2 or vmdk (read-only) image, used as it is; the format "
+                          "is probed when not given (a raw image that looks like another format is refused "
+                          "unless format=raw) (repeatable: /dev/vda, /dev/vdb, ...)")  # fmt: skip
     run.add_argument("--rng", action="store_true", help="a virtio-rng device fed from the host's random source")
     run.add_argument("--net", metavar="tap[=NAME][,mac=MAC]", action="append", default=[],
                      help="a virtio-net NIC on a host tap: NAME is attached to (or created), none "
@@ -122,14 +126,15 @@ def _write_stdout(data: bytes) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from trivmm.config import NetConfig, VmConfig
+    from trivmm.config import DiskConfig, NetConfig, VmConfig
     from trivmm.vcpu import StopReason
     from trivmm.vm import VM
 
     config = VmConfig(kernel=args.kernel, initrd=args.initrd, append=args.append, memory=args.memory,
                       vcpus=args.vcpus, cpu_template=args.cpu_template, boot_protocol=args.boot_protocol,
                       transport=args.transport, rng=args.rng,
-                      net=tuple(NetConfig.parse(spec) for spec in args.net))  # fmt: skip
+                      net=tuple(NetConfig.parse(spec) for spec in args.net),
+                      disks=tuple(DiskConfig.parse(spec) for spec in args.disk))  # fmt: skip
     async def main() -> int:
         stdin = _stdin_stream()
         try:

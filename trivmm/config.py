@@ -10,7 +10,8 @@ import attrs
 
 from trivmm.errors import ConfigError
 
-__all__ = ["VmConfig", "parse_size", "DEFAULT_LINUX_CMDLINE", "MAX_VCPUS", "BOOT_PROTOCOLS", "TRANSPORTS", "NetConfig"]
+__all__ = ["VmConfig", "DiskConfig", "NetConfig", "parse_size", "DEFAULT_LINUX_CMDLINE", "MAX_VCPUS", "BOOT_PROTOCOLS",
+           "TRANSPORTS"]  # fmt: skip
 
 MAX_VCPUS = 64
 DEFAULT_LINUX_CMDLINE = "console=ttyS0 reboot=k io_delay=none"
@@ -111,6 +112,48 @@ class NetConfig:
         return cls(tap=tap.strip() or None, mac=options.get("mac"))
 
 
+_DISK_FORMATS = ("raw", "qcow2", "vmdk")
+_ON_OFF = {"on": True, "off": False, "yes": True, "no": False, "true": True, "false": False}
+
+
+def _disk_format(value: str | None) -> str | None:
+    if value is not None and value not in _DISK_FORMATS:
+        raise ConfigError(f"unknown disk format {value!r} ({', '.join(_DISK_FORMATS)})")
+    return value
+
+
+@attrs.frozen
+class DiskConfig:
+    """A virtio-blk disk: the image at ``path`` in ``format`` (None: probed from its first
+    bytes; a probed raw image that looks like another format is refused), ``readonly``, and
+    ``serial`` (what the guest reads as its ID, up to 20 ASCII bytes)."""
+
+    path: Path = attrs.field(converter=Path)
+    format: str | None = attrs.field(default=None, converter=_disk_format)
+    readonly: bool = False
+    serial: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> DiskConfig:
+        """``PATH[,format=raw|qcow2|vmdk][,readonly=on][,serial=S]`` (the CLI's ``--disk``)."""
+        usage = "PATH[,format=raw|qcow2|vmdk][,readonly=on|off][,serial=S]"
+        path, _, rest = text.partition(",")
+        if not path.strip():
+            raise ConfigError(f"bad --disk {text!r}: no image path ({usage})")
+        options = _options(rest, "--disk", usage, ("format", "readonly", "serial"))
+        readonly = options.get("readonly", "off").lower()
+        if readonly not in _ON_OFF:
+            raise ConfigError(f"bad --disk readonly={options['readonly']!r} (on or off)")
+        return cls(path.strip(), options.get("format"), _ON_OFF[readonly], options.get("serial"))
+
+
+def _disks(value: Iterable[DiskConfig]) -> tuple[DiskConfig, ...]:
+    disks = tuple(value)
+    if not all(isinstance(disk, DiskConfig) for disk in disks):
+        raise ConfigError("disks takes DiskConfig values")
+    return disks
+
+
 def _nets(value: Iterable[NetConfig]) -> tuple[NetConfig, ...]:
     nets = tuple(value)
     if not all(isinstance(net, NetConfig) for net in nets):
@@ -134,6 +177,7 @@ class VmConfig:
     # hints; MMIO: the microVM option, announced in the ACPI DSDT).
     transport: str = attrs.field(default="pci", converter=_transport)
     rng: bool = False
+    disks: tuple[DiskConfig, ...] = attrs.field(default=(), converter=_disks)
     net: tuple[NetConfig, ...] = attrs.field(default=(), converter=_nets)
 
     def read_kernel(self) -> bytes:

@@ -191,9 +191,18 @@ class VM:
 
     def _virtio_devices(self) -> list[VirtioDevice]:
         """The virtio devices the configuration asks for, in a fixed order."""
+        from trivmm.devices.virtio.block import BlockDevice
+        from trivmm.images import open_image
         from trivmm.net import Tap, parse_mac
 
         devices = self.virtio_devices
+        for disk in self.config.disks:  # first: /dev/vda is the first --disk
+            image = open_image(disk.path, format=disk.format, readonly=disk.readonly)  # ImageError names it
+            try:
+                devices.append(BlockDevice(image, serial=disk.serial, readonly=disk.readonly))
+            except BaseException:
+                image.close()
+                raise
         if self.config.rng:
             devices.append(RngDevice())
         for nic in self.config.net:

@@ -106,6 +106,44 @@ def test_cli_bad_input_is_one_line_and_status_2(tmp_path) -> None:  # type: igno
         assert "Traceback" not in result.stderr
 
 
+
+@pytest.mark.kvm
+def test_cli_bad_devices_name_their_file_and_exit_2(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Every input error names its file: a disk that is missing, corrupt, or a raw image that
+    looks like another format; and bad device options are one line too."""
+    corrupt = tmp_path / "corrupt.qcow2"
+    corrupt.write_bytes(b"QFI\xfb" + bytes(60))  # a qcow2 magic with nonsense behind it
+    disguised = tmp_path / "disguised.img"
+    disguised.write_bytes(b"conectix" + bytes(1 << 16))  # a VHD footer's cookie at the start
+    cases = [(["--disk", str(tmp_path / "absent.img")], str(tmp_path / "absent.img")),
+             (["--disk", str(corrupt)], str(corrupt)),
+             (["--disk", str(disguised)], str(disguised)),
+             (["--disk", f"{disguised},format=qcow3"], "unknown disk format 'qcow3'"),
+             (["--disk", f"{disguised},colour=blue"], "bad --disk option 'colour=blue'"),
+             (["--net", "vde=switch"], "only tap networking exists")]  # fmt: skip
+    for args, reason in cases:
+        result = _cli("run", "--memory", "16M", *args)
+        assert result.returncode == 2, result
+        assert result.stderr.startswith("trivmm: ") and result.stderr.count("\n") == 1, result.stderr
+        assert reason in result.stderr, result.stderr
+
+
+def test_disk_and_net_options_parse() -> None:
+    from trivmm import DiskConfig, NetConfig
+
+    disk = DiskConfig.parse("/images/a.qcow2,format=qcow2,readonly=on,serial=disk-1")
+    assert disk == DiskConfig("/images/a.qcow2", "qcow2", True, "disk-1")
+    assert DiskConfig.parse("b.img") == DiskConfig("b.img")
+    assert NetConfig.parse("tap=tap7,mac=52:54:00:12:34:56") == NetConfig("tap7", "52:54:00:12:34:56")
+    assert NetConfig.parse("tap") == NetConfig()
+    for bad in ("", ",format=raw", "x,readonly=maybe", "x,serial=a,serial=b"):
+        with pytest.raises(ConfigError):
+            DiskConfig.parse(bad)
+    for bad in ("tap=", "tap,mac=01:00:00:00:00:00", "tap,mtu=9000"):
+        with pytest.raises(ConfigError):
+            NetConfig.parse(bad)
+
+
 @pytest.mark.kvm
 def test_a_missing_capability_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     from trivmm.kvm import Cap, Kvm, MissingCapability
