@@ -84,6 +84,9 @@ class GuestMemory:
             if a.guest_end > b.guest_base:
                 raise GuestMemoryError(f"regions at {a.guest_base:#x} and {b.guest_base:#x} overlap")
         self._views = [memoryview(r.mapping) for r in self.regions]
+        # (base, end) of each region as plain ints: _locate runs several times per device
+        # request, and attribute and property lookups were most of its cost.
+        self._bounds = tuple((r.guest_base, r.guest_base + r.size) for r in self.regions)
 
     @classmethod
     def from_ranges(cls, ranges: Iterable[tuple[int, int]]) -> GuestMemory:
@@ -110,15 +113,14 @@ class GuestMemory:
     # --- address resolution --------------------------------------------------------------
     def _locate(self, gpa: int, length: int) -> tuple[int, int]:
         """Return (region index, offset) for ``[gpa, gpa+length)``, or raise."""
-        if gpa < 0 or length < 0 or gpa + length > _U64_LIMIT:
+        end = gpa + length
+        if gpa < 0 or length < 0 or end > _U64_LIMIT:
             raise GuestMemoryError(f"invalid guest range {gpa:#x}+{length:#x}")
-        for i, region in enumerate(self.regions):
-            if region.guest_base <= gpa < region.guest_end or (length == 0 and gpa == region.guest_end):
-                offset = gpa - region.guest_base
-                if offset + length > region.size:
-                    raise GuestMemoryError(
-                        f"guest range {gpa:#x}+{length:#x} runs past RAM at {region.guest_end:#x}")
-                return i, offset
+        for i, (base, limit) in enumerate(self._bounds):
+            if base <= gpa < limit or (length == 0 and gpa == limit):
+                if end > limit:
+                    raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} runs past RAM at {limit:#x}")
+                return i, gpa - base
         raise GuestMemoryError(f"guest address {gpa:#x} is not RAM")
 
     def contains(self, gpa: int, length: int = 1) -> bool:
@@ -156,22 +158,31 @@ class GuestMemory:
             view[start:end] = chunk[: end - start]
 
     def read_u16(self, gpa: int) -> int:
-        return int(_U16.unpack(self.view(gpa, 2))[0])
+        i, offset = self._locate(gpa, 2)
+        return int(_U16.unpack_from(self._views[i], offset)[0])
 
     def read_u32(self, gpa: int) -> int:
-        return int(_U32.unpack(self.view(gpa, 4))[0])
+        i, offset = self._locate(gpa, 4)
+        return int(_U32.unpack_from(self._views[i], offset)[0])
 
     def read_u64(self, gpa: int) -> int:
-        return int(_U64.unpack(self.view(gpa, 8))[0])
+        i, offset = self._locate(gpa, 8)
+        return int(_U64.unpack_from(self._views[i], offset)[0])
+
+    def _store(self, fmt: struct.Struct, gpa: int, value: int) -> None:
+        i, offset = self._locate(gpa, fmt.size)
+        self.regions[i].vmm_dirty[offset // PAGE_SIZE] = 1  # naturally aligned: one page (else two)
+        self.regions[i].vmm_dirty[(offset + fmt.size - 1) // PAGE_SIZE] = 1
+        fmt.pack_into(self._views[i], offset, value)
 
     def write_u16(self, gpa: int, value: int) -> None:
-        _U16.pack_into(self.view(gpa, 2, write=True), 0, value)
+        self._store(_U16, gpa, value)
 
     def write_u32(self, gpa: int, value: int) -> None:
-        _U32.pack_into(self.view(gpa, 4, write=True), 0, value)
+        self._store(_U32, gpa, value)
 
     def write_u64(self, gpa: int, value: int) -> None:
-        _U64.pack_into(self.view(gpa, 8, write=True), 0, value)
+        self._store(_U64, gpa, value)
 
     # --- the VMM's own dirty log ---------------------------------------------------------
     def take_vmm_dirty(self, region: MemoryRegion) -> bytes:
