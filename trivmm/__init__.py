@@ -19,7 +19,7 @@ when /dev/kvm cannot be used).
 
 from trivmm._threads import ensure_kick_handler as install_signal_handler
 from trivmm.boot.bzimage import KernelImageError
-from trivmm.config import DiskConfig, NetConfig, VmConfig, parse_size
+from trivmm.config import DiskConfig, NetConfig, VmConfig, VsockConfig, parse_size
 from trivmm.console import ConsoleStream
 from trivmm.errors import ConfigError, TrivmmError, VcpuError, VmError
 from trivmm.kvm import KvmError, KvmUnavailable
@@ -28,4 +28,4 @@ from trivmm.vm import VM, VmExit, open_vm
 
 __all__ = ["VM", "open_vm", "VmConfig", "DiskConfig", "NetConfig", "VmExit", "StopReason", "ConsoleStream",
            "TrivmmError", "ConfigError", "VmError", "VcpuError", "KernelImageError", "KvmError", "KvmUnavailable",
-           "parse_size", "install_signal_handler"]  # fmt: skip
+           "parse_size", "install_signal_handler", "VsockConfig"]  # fmt: skip

@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="a virtio-net NIC on a host tap: NAME is attached to (or created), none "
                           "creates trivmmN (needs CAP_NET_ADMIN); MAC default: random 02:xx:xx:xx:xx:xx "
                           "(repeatable)")  # fmt: skip
+    run.add_argument("--vsock", metavar="cid=N,uds=PATH",
+                     help="a virtio-vsock device for guest CID N: trivmm listens on the unix socket PATH "
+                          "(a host process connects and writes 'CONNECT <port>\\n'); the guest's connections "
+                          "to host port P go to PATH_P")  # fmt: skip
     run.add_argument("--transport", metavar="NAME", default="pci", choices=["pci", "mmio"],
                      help="how virtio devices are attached: pci (virtio-pci with MSI-X, found by any guest) "
                           "or mmio (virtio-mmio, announced in the ACPI DSDT) (default pci)")  # fmt: skip
@@ -126,7 +130,7 @@ def _write_stdout(data: bytes) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from trivmm.config import DiskConfig, NetConfig, VmConfig
+    from trivmm.config import DiskConfig, NetConfig, VmConfig, VsockConfig
     from trivmm.vcpu import StopReason
     from trivmm.vm import VM
 
@@ -134,7 +138,8 @@ def _run(args: argparse.Namespace) -> int:
                       vcpus=args.vcpus, cpu_template=args.cpu_template, boot_protocol=args.boot_protocol,
                       transport=args.transport, rng=args.rng,
                       net=tuple(NetConfig.parse(spec) for spec in args.net),
-                      disks=tuple(DiskConfig.parse(spec) for spec in args.disk))  # fmt: skip
+                      disks=tuple(DiskConfig.parse(spec) for spec in args.disk),
+                      vsock=VsockConfig.parse(args.vsock) if args.vsock else None)  # fmt: skip
     async def main() -> int:
         stdin = _stdin_stream()
         try:

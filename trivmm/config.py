@@ -11,7 +11,7 @@ import attrs
 from trivmm.errors import ConfigError
 
 __all__ = ["VmConfig", "DiskConfig", "NetConfig", "parse_size", "DEFAULT_LINUX_CMDLINE", "MAX_VCPUS", "BOOT_PROTOCOLS",
-           "TRANSPORTS"]  # fmt: skip
+           "TRANSPORTS", "VsockConfig"]  # fmt: skip
 
 MAX_VCPUS = 64
 DEFAULT_LINUX_CMDLINE = "console=ttyS0 reboot=k io_delay=none"
@@ -154,6 +154,38 @@ def _disks(value: Iterable[DiskConfig]) -> tuple[DiskConfig, ...]:
     return disks
 
 
+def _cid(instance: object, attribute: object, value: int) -> None:
+    if not 3 <= value <= 0xFFFF_FFFE:
+        raise ConfigError(f"a vsock guest CID must be 3 to 4294967294 (0-2 and 2**32-1 are reserved), not {value}")
+
+
+@attrs.frozen
+class VsockConfig:
+    """A virtio-vsock device, with Firecracker's host side: ``cid`` is the guest's context
+    id; trivmm listens on the unix socket ``uds`` (host processes connect there and write
+    ``CONNECT <port>\\n``), and a guest connection to host port P goes to ``<uds>_P``."""
+
+    cid: int = attrs.field(validator=_cid)
+    uds: Path = attrs.field(converter=Path)
+
+    @classmethod
+    def parse(cls, text: str) -> VsockConfig:
+        """``cid=N,uds=PATH`` (the CLI's ``--vsock``; PATH may not contain a comma)."""
+        usage = "cid=N,uds=PATH"
+        options = _options(text, "--vsock", usage, ("cid", "uds"))
+        if set(options) != {"cid", "uds"} or not options["uds"]:
+            raise ConfigError(f"bad --vsock {text!r}: give both cid and uds ({usage})")
+        if not re.fullmatch(r"[0-9]{1,10}", options["cid"]):
+            raise ConfigError(f"bad --vsock cid {options['cid']!r}: a decimal number")
+        return cls(cid=int(options["cid"]), uds=Path(options["uds"]))
+
+
+def _vsock(value: VsockConfig | None) -> VsockConfig | None:
+    if value is not None and not isinstance(value, VsockConfig):
+        raise ConfigError("vsock takes a VsockConfig")
+    return value
+
+
 def _nets(value: Iterable[NetConfig]) -> tuple[NetConfig, ...]:
     nets = tuple(value)
     if not all(isinstance(net, NetConfig) for net in nets):
@@ -179,6 +211,7 @@ class VmConfig:
     rng: bool = False
     disks: tuple[DiskConfig, ...] = attrs.field(default=(), converter=_disks)
     net: tuple[NetConfig, ...] = attrs.field(default=(), converter=_nets)
+    vsock: VsockConfig | None = attrs.field(default=None, converter=_vsock)
 
     def read_kernel(self) -> bytes:
         if self.kernel is None:

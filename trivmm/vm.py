@@ -69,6 +69,7 @@ from trivmm.devices.virtio.mmio import MMIO_SIZE, NOTIFY_OFFSET, VirtioMmio
 from trivmm.devices.virtio.net import NetDevice
 from trivmm.devices.virtio.pci import NotifyRegion, VirtioPci
 from trivmm.devices.virtio.rng import RngDevice
+from trivmm.devices.virtio.vsock import VsockDevice
 from trivmm.errors import ConfigError, TrivmmError, VmError
 from trivmm.eventfd import EventFd
 from trivmm.kvm import Kvm, KvmError
@@ -207,6 +208,8 @@ class VM:
             devices.append(RngDevice())
         for nic in self.config.net:
             devices.append(NetDevice(Tap.open(nic.tap), parse_mac(nic.mac) if nic.mac else None))
+        if self.config.vsock is not None:  # binds and listens on the socket now: a ConfigError if it is taken
+            devices.append(VsockDevice(self.config.vsock.cid, self.config.vsock.uds))
         return devices
 
     def _attach_virtio_mmio(self, devices: list[VirtioDevice]) -> tuple[tuple[int, int, int], ...]:

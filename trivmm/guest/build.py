@@ -35,6 +35,8 @@ INIT_MARKER = "TRIVMM-INIT-OK"
 _HERE = Path(__file__).parent
 _SMALL_CONFIG = _HERE / "small-kernel.config"
 _INIT_SCRIPT = _HERE / "init.sh"
+_VSOCK_HELPER = _HERE / "vsock_helper.c"  # the guest's end of the virtio-vsock tests, built static
+_HELPER_BUILD_PACKAGES = ["gcc", "libc6-dev", "linux-libc-dev"]
 _LINUX_SOURCE_PACKAGE = "linux-source-6.1"
 _LINUX_SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 _KERNEL_BUILD_PACKAGES = ["flex", "bison", "bc", "libelf-dev", "libssl-dev", "make", "gcc", "lz4"]
@@ -102,7 +104,23 @@ def _digest(*parts: bytes) -> str:
     return h.hexdigest()[:16]
 
 
-def _initramfs(init_script: bytes, modules: Sequence[tuple[str, bytes]] = ()) -> bytes:
+def _vsock_helper(cache: Path) -> bytes:
+    """``vsock_helper`` (``vsock_helper.c`` beside this file) compiled static, cached by the
+    digest of its source."""
+    source = _VSOCK_HELPER.read_bytes()
+    out = cache / "helpers" / f"vsock_helper-{_digest(source)}"
+    if not out.exists():
+        ensure_debian_packages(_HELPER_BUILD_PACKAGES)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(out.name + ".partial")
+        _log("compiling vsock_helper")
+        _run(["gcc", "-static", "-Os", "-s", "-o", str(partial), str(_VSOCK_HELPER)])
+        partial.replace(out)
+    return out.read_bytes()
+
+
+def _initramfs(init_script: bytes, modules: Sequence[tuple[str, bytes]] = (),
+               programs: Sequence[tuple[str, bytes]] = ()) -> bytes:  # fmt: skip
     """An uncompressed newc initramfs: busybox, /init, device nodes and kernel modules.
 
     Only /bin/sh links to busybox; /init calls every applet as `busybox <applet>`, and
@@ -119,6 +137,7 @@ def _initramfs(init_script: bytes, modules: Sequence[tuple[str, bytes]] = ()) ->
     ]
     entries += [CpioEntry.file(f"lib/modules/{i:02d}-{name}.ko", data)
                 for i, (name, data) in enumerate(modules)]  # fmt: skip
+    entries += [CpioEntry.file(f"bin/{name}", data, 0o755) for name, data in programs]
     return write_newc(entries)
 
 
@@ -153,7 +172,8 @@ def build_small(cache: Path, jobs: int) -> Path:
         shutil.copyfile(src / ".config", out / "config")
         shutil.copyfile(src / "System.map", out / "System.map")
         stamp.write_text(key)
-    (out / "initramfs.cpio").write_bytes(_initramfs(_INIT_SCRIPT.read_bytes()))
+    programs = [("vsock_helper", _vsock_helper(cache))]
+    (out / "initramfs.cpio").write_bytes(_initramfs(_INIT_SCRIPT.read_bytes(), programs=programs))
     return out
 
 
@@ -164,7 +184,7 @@ def _decompress_module(path: Path) -> bytes:
 
 def build_stock(cache: Path) -> Path:
     """Fetch and unpack Debian's stock cloud kernel; return its directory."""
-    ensure_debian_packages(["busybox-static"])  # the payload is unpacked in process (extract_vmlinux)
+    ensure_debian_packages(["busybox-static", *_HELPER_BUILD_PACKAGES])  # the payload is unpacked in process
     out = cache / "stock"
     work = cache / "stock-deb"
     depends = subprocess.run(["apt-cache", "depends", _STOCK_META_PACKAGE],
@@ -199,7 +219,8 @@ def build_stock(cache: Path) -> Path:
         shutil.rmtree(work, ignore_errors=True)
     modules = [(name, (out / "modules" / f"{name}.ko").read_bytes())
                for name in _STOCK_MODULES if (out / "modules" / f"{name}.ko").exists()]  # fmt: skip
-    (out / "initramfs.cpio").write_bytes(_initramfs(_INIT_SCRIPT.read_bytes(), modules))
+    programs = [("vsock_helper", _vsock_helper(cache))]
+    (out / "initramfs.cpio").write_bytes(_initramfs(_INIT_SCRIPT.read_bytes(), modules, programs))
     return out
 
 
