@@ -23,6 +23,7 @@ is installed (the default action would end the process), which only the main thr
 from __future__ import annotations
 
 import ctypes
+import logging
 import signal
 import threading
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from trivmm.errors import VmError
 __all__ = ["run_in_owned_thread", "LoopCaller", "KICK_SIGNAL", "ensure_kick_handler", "kick_thread"]
 
 T = TypeVar("T")
+_log = logging.getLogger(__name__)
 KICK_SIGNAL = signal.SIGRTMIN
 
 
@@ -74,10 +76,19 @@ def _name_os_thread(name: str) -> None:
     _libc.pthread_setname_np(_libc.pthread_self(), name.encode()[:15])
 
 
+def _guarded(fn: Callable[..., object], args: tuple[Any, ...]) -> None:
+    """A callback's exception is logged: on trio it would end the whole run (every VM on
+    the loop), on asyncio it would only reach the loop's exception handler."""
+    try:
+        fn(*args)
+    except Exception:
+        _log.exception("a call from a vCPU or worker thread into the event loop failed")
+
+
 def _as_asyncio(fn: Callable[..., object], args: tuple[Any, ...]) -> None:
     token = sniffio.current_async_library_cvar.set("asyncio")
     try:
-        fn(*args)
+        _guarded(fn, args)
     finally:
         sniffio.current_async_library_cvar.reset(token)
 
@@ -96,7 +107,7 @@ class LoopCaller:
         native = anyio.lowlevel.current_token().native_token
         run_sync_soon = getattr(native, "run_sync_soon", None)  # trio.lowlevel.TrioToken
         if run_sync_soon is not None:
-            return cls(run_sync_soon)
+            return cls(lambda fn, *args: run_sync_soon(_guarded, fn, args))
         call_soon_threadsafe = native.call_soon_threadsafe  # type: ignore[attr-defined]  # asyncio loop
 
         def call_soon(fn: Callable[..., object], *args: Any) -> None:

@@ -122,6 +122,11 @@ def _disk_format(value: str | None) -> str | None:
     return value
 
 
+def _serial(value: str | None) -> None:
+    if value is not None and (not value.isascii() or len(value) > 20):
+        raise ConfigError(f"disk serial {value!r} is not ASCII of at most 20 bytes")
+
+
 @attrs.frozen
 class DiskConfig:
     """A virtio-blk disk: the image at ``path`` in ``format`` (None: probed from its first
@@ -131,7 +136,7 @@ class DiskConfig:
     path: Path = attrs.field(converter=Path)
     format: str | None = attrs.field(default=None, converter=_disk_format)
     readonly: bool = False
-    serial: str | None = None
+    serial: str | None = attrs.field(default=None, validator=lambda _, __, value: _serial(value))
 
     @classmethod
     def parse(cls, text: str) -> DiskConfig:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 import anyio
+import anyio.lowlevel
 
 __all__ = ["EventFd"]
 
@@ -54,6 +55,7 @@ class EventFd:
         while True:
             count = self.take()
             if count:
+                await anyio.lowlevel.checkpoint()  # a wait is a checkpoint, signalled or not
                 return count
             await anyio.wait_readable(self.fd)
 

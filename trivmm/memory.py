@@ -104,6 +104,7 @@ class GuestMemory:
         for view in self._views:
             view.release()
         self._views = []
+        self._bounds = ()  # a late access is a GuestMemoryError ("not RAM"), not an IndexError
         for region in self.regions:
             try:
                 region.mapping.close()

@@ -86,6 +86,7 @@ class VcpuRunner:
         self._paused_changed = paused_changed
         self.hooks = hooks if hooks is not None else VcpuHooks()
         self._cond = threading.Condition()
+        self._parked = False  # in _service_request's pause wait (under _cond)
         self._request: _Request | None = None
         self._refresh = False
         # While the hooks are unsettled (e.g. a breakpoint they need is not armed yet),
@@ -121,6 +122,10 @@ class VcpuRunner:
         with self._cond:
             if self._request is None:
                 self._request = _Request.PAUSE
+                if self._parked:
+                    # Resumed, but not yet out of its wait when paused again: it stays parked
+                    # and will not say so a second time -- say it for it.
+                    self._paused_changed(self.index, True)
         self._kick()
 
     def request_resume(self) -> None:
@@ -153,9 +158,11 @@ class VcpuRunner:
         """Handle a pending request; True means stop the loop."""
         with self._cond:
             if self._request is _Request.PAUSE:
+                self._parked = True
                 self._paused_changed(self.index, True)
                 while self._request is _Request.PAUSE:
                     self._cond.wait()
+                self._parked = False
                 self._paused_changed(self.index, False)
             if self._request is _Request.STOP:
                 return True

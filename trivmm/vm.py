@@ -33,6 +33,7 @@ import functools
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -83,6 +84,7 @@ __all__ = ["VM", "VmExit", "open_vm", "ConsoleOutput", "ConsoleInput", "CONSOLE_
            "CONSOLE_FLUSH_TIMEOUT"]  # fmt: skip
 
 CONSOLE_FLUSH_TIMEOUT = 5.0  # seconds the end of a VM waits for its console to take the rest
+MAX_PCI_DEVICES = 31  # slots 1..31 of bus 0 (the host bridge is slot 0)
 VCPU_STOP_TIMEOUT = 10.0  # seconds close() waits for running vCPU threads to stop
 _log = logging.getLogger(__name__)
 _QUIRK_REFRESH_FAST = 0.25
@@ -198,9 +200,10 @@ class VM:
 
         devices = self.virtio_devices
         for disk in self.config.disks:  # first: /dev/vda is the first --disk
-            image = open_image(disk.path, format=disk.format, readonly=disk.readonly)  # ImageError names it
+            readonly = disk.readonly or _is_vmdk(disk.path, disk.format)  # trivmm reads vmdk, never writes it
+            image = open_image(disk.path, format=disk.format, readonly=readonly)  # ImageError names it
             try:
-                devices.append(BlockDevice(image, serial=disk.serial, readonly=disk.readonly))
+                devices.append(BlockDevice(image, serial=disk.serial, readonly=readonly))
             except BaseException:
                 image.close()
                 raise
@@ -245,11 +248,17 @@ class VM:
         self.pci = root = PciRoot(self.pio, self.mmio, layout, self._irq_line)
         router = GsiRouter(vm)
         length = 0 if self.kvm.check_extension(Cap.IOEVENTFD_ANY_LENGTH) > 0 else 2
+        if len(devices) > MAX_PCI_DEVICES:
+            raise ConfigError(f"at most {MAX_PCI_DEVICES} virtio devices on PCI, not {len(devices)}")
         for device in devices:
             transport = VirtioPci(device, memory, router, ioeventfd_length=length)
             transport.rebind_notify = functools.partial(self._rebind_notify, transport)
+            try:
+                root.add(transport)
+            except BaseException:
+                transport.close()  # its MSI-X GSIs, irqfds and eventfds: not on the bus yet
+                raise
             self.virtio_pci.append(transport)
-            root.add(transport)
             self._services.append(transport.core.service)
         return layout
 
@@ -260,11 +269,16 @@ class VM:
         if vm is None:
             return
         notifiers = transport.core.notifiers
-        for region in unbind:
-            vm.ioeventfd(notifiers[region.queue].fd, region.address, region.length,
-                         datamatch=region.datamatch, deassign=True)  # fmt: skip
-        for region in bind:
-            vm.ioeventfd(notifiers[region.queue].fd, region.address, region.length, datamatch=region.datamatch)
+        failed: list[str] = []
+        for deassign, regions in ((True, unbind), (False, bind)):
+            for region in regions:  # each on its own: one failure does not strand the others
+                try:
+                    vm.ioeventfd(notifiers[region.queue].fd, region.address, region.length,
+                                 datamatch=region.datamatch, deassign=deassign)  # fmt: skip
+                except OSError as exc:
+                    failed.append(f"{region.address:#x}: {exc}")
+        if failed:  # notifications then reach the transport's register model instead
+            raise OSError(f"notify ioeventfds not moved: {'; '.join(failed)}")
 
     def add_service(self, service: Callable[[], Coroutine[Any, Any, None]]) -> None:
         """Run ``service()`` as a task of the VM while its vCPUs run (a device backend
@@ -536,6 +550,19 @@ class VM:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _is_vmdk(path: Path, format: str | None) -> bool:
+    """Whether the disk at ``path`` is (or probes as) a vmdk image."""
+    from trivmm.images.probe import PROBE_BYTES, probe_format
+
+    if format is not None:
+        return format == "vmdk"
+    try:
+        with open(path, "rb") as image:
+            return probe_format(image.read(PROBE_BYTES)) == "vmdk"
+    except OSError:
+        return False  # open_image says what is wrong with it
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:

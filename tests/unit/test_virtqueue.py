@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import re
 import struct
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
+import anyio
 import attrs
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -1094,3 +1096,42 @@ HostileDriver.TestCase.settings = settings(
     max_examples=50, stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestHostileDriver = HostileDriver.TestCase
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_a_guest_that_keeps_its_ring_full_does_not_keep_the_event_loop(backend: str) -> None:
+    """A guest can make chains available as fast as a device takes them (no notifications
+    needed). A backend whose handler never awaits must still let the event loop run: other
+    VMs, consoles and cancellation share it."""
+    from trivmm.devices.virtio.device import Activation, VirtioDevice
+
+    class Greedy(VirtioDevice):
+        queue_sizes = (8,)
+        handled = 0
+
+        async def handle(self, active: Activation, index: int, chain: object) -> None:
+            self.handled += 1  # a device model that never awaits (as virtio-rng)
+
+    class EndlessActivation:
+        def take_chains(self, index: int, limit: int = 64) -> list[object]:
+            return [object()] * limit  # the guest's ring is never empty
+
+    async def main() -> None:
+        device = Greedy()
+        ticks = 0
+        started = time.monotonic()
+        with anyio.move_on_after(0.2):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(device.serve_queue, EndlessActivation(), 0)
+
+                async def tick() -> None:
+                    nonlocal ticks
+                    while True:
+                        await anyio.sleep(0.01)
+                        ticks += 1
+
+                tg.start_soon(tick)
+        assert time.monotonic() - started < 1.5  # the deadline was honoured
+        assert ticks >= 3 and device.handled > 0
+
+    anyio.run(main, backend=backend)

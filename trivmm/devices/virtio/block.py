@@ -409,6 +409,11 @@ class BlockDevice(VirtioDevice):
         count = len(batch)
         index = 0
         while index < count:
+            if not active.current:
+                # Reset since the batch was taken: the driver may already be writing the same
+                # sectors through a new activation; a stale write landing after them would
+                # undo theirs. (Reads would be dropped anyway.)
+                return
             request = batch[index]
             index += 1
             kind = request.kind

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.lowlevel
 
 from trivmm.devices.virtio.queue import DescriptorChain, SplitQueue, VirtqueueError
 
@@ -185,6 +186,9 @@ class VirtioDevice:
                 continue
             for chain in chains:
                 await self.handle(active, index, chain)
+            # A guest that keeps its ring full must not keep the event loop to itself
+            # (handle() may never await): yield after every batch.
+            await anyio.lowlevel.checkpoint()
 
     async def handle(self, active: Activation, index: int, chain: DescriptorChain) -> None:
         """One request; devices that use the default ``serve_queue`` override this."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 import threading
 
-from trivmm.devices.virtio.device import VirtioDevice
+from trivmm.devices.virtio.device import STATUS_DRIVER_OK, VirtioDevice
 from trivmm.devices.virtio.transport import VirtioCore
 from trivmm.eventfd import EventFd
 from trivmm.memory import GuestMemory
@@ -48,6 +48,8 @@ class VirtioMmio:
         return self.core.device
 
     def _raise(self, queue: int | None) -> None:
+        if queue is not None and not self.core.status & STATUS_DRIVER_OK:
+            return  # a completion that raced a reset: no notification for a reset device
         with self._isr_lock:
             self.interrupt_status |= INTERRUPT_CONFIG_CHANGE if queue is None else INTERRUPT_USED_BUFFER
         self._interrupt.signal()  # the irqfd's edge
@@ -118,7 +120,7 @@ class VirtioMmio:
                 self.interrupt_status &= ~value
         elif offset == 0x070:
             core.write_status(value)
-            if value == 0:
+            if value & 0xFF == 0:
                 with self._isr_lock:
                     self.interrupt_status = 0
         elif offset in _QUEUE_FIELD_AT:

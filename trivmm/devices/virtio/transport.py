@@ -109,8 +109,8 @@ class VirtioCore:
             if value & STATUS_FEATURES_OK and not old & STATUS_FEATURES_OK:
                 features = self.driver_features
                 if features & ~self.offered or not features >> VIRTIO_F_VERSION_1 & 1:
-                    _log.info("%s: the driver asked for features %#x of %#x offered: refused",
-                              self.device.name, features, self.offered)  # fmt: skip
+                    _log.debug("%s: the driver asked for features %#x of %#x offered: refused",
+                               self.device.name, features, self.offered)  # fmt: skip
                     value &= ~STATUS_FEATURES_OK
                 else:
                     event_idx = bool(features >> VIRTIO_F_EVENT_IDX & 1)
@@ -152,20 +152,20 @@ class VirtioCore:
         return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
 
     def write_queue_size(self, value: int) -> None:
-        queue = self.queue
-        if queue is None or queue.ready:
-            return
-        with self.lock:
+        with self.lock:  # ready is checked under the lock: another vCPU may be enabling it
+            queue = self.queue
+            if queue is None or queue.ready:
+                return
             queue.size = value & 0xFFFF  # checked (power of two, <= max) when enabled
 
     def write_queue_field(self, field: str, value: int) -> None:
         """One 32-bit half of a ring address (``QUEUE_FIELDS``); ignored while enabled (the
         spec forbids it)."""
-        queue = self.queue
-        if queue is None or queue.ready:
-            return
         name, shift = QUEUE_FIELDS[field]
         with self.lock:
+            queue = self.queue
+            if queue is None or queue.ready:
+                return
             old = getattr(queue, name)
             setattr(queue, name, (old & ~(_U32 << shift)) | (value & _U32) << shift)
 
@@ -178,10 +178,10 @@ class VirtioCore:
 
     def write_queue_ready(self, value: int) -> None:
         """Enable the selected queue (its configuration checked); a bad one breaks the device."""
-        queue = self.queue
-        if queue is None or not value & 1 or queue.ready:
-            return  # disabling a queue is not allowed in virtio 1.x: reset the device instead
         with self.lock:
+            queue = self.queue
+            if queue is None or not value & 1 or queue.ready:
+                return  # disabling a queue is not allowed in virtio 1.x: reset the device instead
             try:
                 queue.set_ready(True)
             except VirtqueueError as exc:
@@ -201,10 +201,10 @@ class VirtioCore:
     def _broken(self, reason: str) -> None:
         """Under the device lock: the guest broke a rule; DEVICE_NEEDS_RESET and a config
         interrupt (if the driver is running), the VM lives on."""
-        _log.warning("%s: device needs reset: %s", self.device.name, reason)
         already = self.status & STATUS_DEVICE_NEEDS_RESET
         self.status |= STATUS_DEVICE_NEEDS_RESET
-        if not already:
+        if not already:  # once per breakage: a guest repeating it cannot flood the log
+            _log.warning("%s: device needs reset: %s", self.device.name, reason)
             self._call_on_loop(self._cancel_backend, self.device.generation)
             if self.status & STATUS_DRIVER_OK:
                 self._interrupt(None)
