@@ -49,7 +49,7 @@ async def test_density_at_tiny_sizes(capsys: pytest.CaptureFixture[str]) -> None
     assert (many.built, many.wanted, many.error) == (3, 3, None)
     assert many.memory.fds_per_vm >= 2 and many.build_seconds > 0 and many.close_seconds > 0
     assert report.processes == []
-    assert density.fd_count() == fds  # every VM's fds closed again
+    assert density.fd_count() <= fds  # every VM's fds closed again (the GC may close others)
 
     report.print()
     out = capsys.readouterr().out
