@@ -25,6 +25,8 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from trivmm.eventfd import close_watched_fd
+
 __all__ = ["main"]
 
 EXIT_OK, EXIT_VM_FAILED, EXIT_BAD_INPUT, EXIT_GUEST_PANIC, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -177,13 +179,9 @@ class _FdReceiveStream(anyio.abc.ByteReceiveStream):
     def close(self) -> None:
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
-            try:
-                anyio.notify_closing(fd)
-            except RuntimeError:
-                pass
             if self._pollable:
                 os.set_blocking(fd, self._was_blocking)
-            os.close(fd)
+            close_watched_fd(fd)
 
     async def receive(self, max_bytes: int = 4096) -> bytes:
         if not self._pollable:

@@ -17,7 +17,18 @@ import os
 import anyio
 import anyio.lowlevel
 
-__all__ = ["EventFd"]
+__all__ = ["EventFd", "close_watched_fd"]
+
+
+def close_watched_fd(fd: int) -> None:
+    """Close ``fd``, which a task may be awaiting (``anyio.wait_readable``/``wait_writable``):
+    that task gets ``anyio.ClosedResourceError`` rather than a wait on a recycled fd number.
+    Called on the event loop's thread, or where no task can be waiting."""
+    try:
+        anyio.notify_closing(fd)
+    except RuntimeError:  # no event loop in this thread: nobody can be waiting
+        pass
+    os.close(fd)
 
 
 class EventFd:
@@ -64,11 +75,7 @@ class EventFd:
         the event loop's thread (or when no task can be waiting)."""
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
-            try:
-                anyio.notify_closing(fd)
-            except RuntimeError:  # no event loop in this thread: nobody can be waiting
-                pass
-            os.close(fd)
+            close_watched_fd(fd)
 
     def __enter__(self) -> EventFd:
         return self

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import anyio
 
 from trivmm.errors import ConfigError
+from trivmm.eventfd import close_watched_fd
 
 __all__ = [
     "Tap", "VNET_HDR_SIZE", "TUN_F_CSUM", "TUN_F_TSO4", "TUN_F_TSO6", "TUN_F_TSO_ECN", "TUN_F_UFO",
@@ -165,11 +166,7 @@ class Tap:
         ``anyio.ClosedResourceError``. On the event loop's thread, or with no task waiting."""
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
-            try:
-                anyio.notify_closing(fd)
-            except RuntimeError:  # no event loop in this thread: nobody can be waiting
-                pass
-            os.close(fd)
+            close_watched_fd(fd)
 
     def __enter__(self) -> Tap:
         return self

@@ -128,6 +128,24 @@ class Activation:
             self.interrupt(index)
         return True
 
+    def notify_used(self, index: int) -> None:
+        """Interrupt the driver if it wants to hear of the chains of queue ``index`` used
+        since the last check (event-idx or NO_INTERRUPT); nothing after a reset. A backend
+        calls it once per batch and before it waits."""
+        with self.device.lock:
+            if not self.current:
+                return
+            try:
+                notify = self.queues[index].needs_notification()
+            except VirtqueueError as exc:
+                reason = str(exc)
+            else:
+                reason = ""
+        if reason:
+            self.broken(f"queue {index}: {reason}")
+        elif notify:
+            self.interrupt(index)
+
     def broken(self, reason: str) -> None:
         """The guest broke the device's rules: DEVICE_NEEDS_RESET, with ``reason`` logged."""
         with self.device.lock:

@@ -451,16 +451,4 @@ class NetDevice(VirtioDevice):
     def _notify(self, active: Activation, index: int) -> None:
         """Interrupt the driver if it wants to hear of the chains used since the last check:
         once per batch."""
-        with self.lock:
-            if not active.current:
-                return
-            try:
-                notify = active.queues[index].needs_notification()
-            except VirtqueueError as exc:
-                reason = str(exc)
-            else:
-                reason = ""
-        if reason:
-            active.broken(f"queue {index}: {reason}")
-        elif notify:
-            active.interrupt(index)
+        active.notify_used(index)

@@ -597,20 +597,7 @@ class _Session:
     def notify(self, index: int) -> None:
         """Interrupt the driver if it wants to hear of the chains used since the last check
         (once per batch, and before the task waits)."""
-        active = self.active
-        with self.device.lock:
-            if not active.current:
-                return
-            try:
-                notify = active.queues[index].needs_notification()
-            except VirtqueueError as exc:
-                reason = str(exc)
-            else:
-                reason = ""
-        if reason:
-            active.broken(f"queue {index}: {reason}")
-        elif notify:
-            active.interrupt(index)
+        self.active.notify_used(index)
 
     def next_packet(self, room: int) -> bytes | None:
         """The next packet for the guest with at most ``room`` payload bytes: replies first,
