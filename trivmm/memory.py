@@ -20,7 +20,7 @@ import ctypes
 import itertools
 import mmap
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import attrs
 
@@ -114,22 +114,59 @@ class GuestMemory:
     # --- address resolution --------------------------------------------------------------
     def _locate(self, gpa: int, length: int) -> tuple[int, int]:
         """Return (region index, offset) for ``[gpa, gpa+length)``, or raise."""
+        # Device requests resolve several ranges each: one comparison chain per region,
+        # and the error path (rare) says what was wrong.
+        end = gpa + length
+        i = 0
+        for base, limit in self._bounds:
+            if base <= gpa and end <= limit and length >= 0 and (gpa < limit or not length):
+                return i, gpa - base
+            i += 1
+        raise GuestMemoryError(self._what_is_wrong(gpa, length))
+
+    def _what_is_wrong(self, gpa: int, length: int) -> str:
         end = gpa + length
         if gpa < 0 or length < 0 or end > _U64_LIMIT:
-            raise GuestMemoryError(f"invalid guest range {gpa:#x}+{length:#x}")
-        for i, (base, limit) in enumerate(self._bounds):
-            if base <= gpa < limit or (length == 0 and gpa == limit):
-                if end > limit:
-                    raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} runs past RAM at {limit:#x}")
-                return i, gpa - base
-        raise GuestMemoryError(f"guest address {gpa:#x} is not RAM")
+            return f"invalid guest range {gpa:#x}+{length:#x}"
+        for base, limit in self._bounds:
+            if base <= gpa < limit:
+                return f"guest range {gpa:#x}+{length:#x} runs past RAM at {limit:#x}"
+        return f"guest address {gpa:#x} is not RAM"
 
     def contains(self, gpa: int, length: int = 1) -> bool:
-        try:
-            self._locate(gpa, length)
-        except GuestMemoryError:
-            return False
-        return True
+        end = gpa + length
+        for base, limit in self._bounds:
+            if base <= gpa and end <= limit and length >= 0 and (gpa < limit or not length):
+                return True
+        return False
+
+    def resolve(self, gpa: int, length: int) -> tuple[memoryview, int]:
+        """The region's whole view and the offset of ``gpa`` in it, for a range checked to lie
+        inside one region: for a caller that reads a structure at many offsets (a virtqueue's
+        rings), checking once. Holding the returned view exports nothing; it stops working
+        (``ValueError``) once the memory is closed. Writes through it are not marked dirty:
+        the caller marks them (``mark_written``)."""
+        i, offset = self._locate(gpa, length)
+        return self._views[i], offset
+
+    def dirty_marker(self, gpa: int, length: int) -> Callable[[], None]:
+        """A function that records ``[gpa, gpa+length)`` as written by the VMM, checked once:
+        for a structure the VMM writes again and again (a virtqueue's used ring)."""
+        i, offset = self._locate(gpa, length)
+        dirty = self.regions[i].vmm_dirty
+        first, stop = offset // PAGE_SIZE, (offset + max(length, 1) - 1) // PAGE_SIZE + 1
+        pages = slice(first, stop)
+        ones = b"\x01" * (stop - first)
+
+        def mark() -> None:
+            dirty[pages] = ones
+
+        return mark
+
+    def mark_written(self, gpa: int, length: int) -> None:
+        """Record that the VMM wrote ``[gpa, gpa+length)`` through a ``resolve``d view."""
+        i, offset = self._locate(gpa, length)
+        self._mark(i, offset, length)
 
     def view(self, gpa: int, length: int, *, write: bool = False) -> memoryview:
         """A zero-copy view of ``[gpa, gpa+length)``; ``write=True`` marks the pages dirty."""

@@ -193,6 +193,37 @@ def test_raw_reads_writes_discards_and_zeroes(tmp_path: Path) -> None:
     assert path.read_bytes() == model
 
 
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_scatter_reads_into_buffers(qemu: None, tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``read_into`` fills many buffers from one offset (a raw image: preadv, straight into
+    them), with short reads continued; past the disk is refused and nothing is filled."""
+    rng = random.Random(2)
+    model = rng.randbytes(1 * MIB)
+    path = tmp_path / "disk.raw"
+    path.write_bytes(model)
+    if fmt == "qcow2":
+        qcow2 = tmp_path / "disk.qcow2"
+        qemu_img("convert", "-f", "raw", "-O", "qcow2", path, qcow2)
+        path = qcow2
+    with open_image(path, format=fmt) as image:
+        for _ in range(20):
+            sizes = [rng.randrange(1, 9000) for _ in range(rng.randrange(1, 12))]
+            offset = rng.randrange(0, image.size - sum(sizes))
+            buffers = [memoryview(bytearray(size)) for size in sizes]
+            image.read_into(offset, buffers)
+            assert b"".join(bytes(b) for b in buffers) == model[offset : offset + sum(sizes)]
+        guard = memoryview(bytearray(b"\xee" * 512))
+        with pytest.raises(ImageError, match="outside the disk"):
+            image.read_into(image.size - 256, [guard])
+        assert bytes(guard) == b"\xee" * 512
+        if fmt == "raw":  # preadv returning less than asked (a signal): the rest is read too
+            real = os.preadv
+            monkeypatch.setattr(os, "preadv", lambda fd, bufs, at: real(fd, [bufs[0][:100]], at))
+            buffers = [memoryview(bytearray(300)), memoryview(bytearray(50))]
+            image.read_into(1000, buffers)
+            assert bytes(buffers[0]) + bytes(buffers[1]) == model[1000:1350]
+
+
 @pytest.mark.parametrize(("request_", "offset", "length"), [
     (request_, offset, length)
     for request_ in ("read", "write", "discard", "write_zeroes")
@@ -575,7 +606,7 @@ def test_qcow2_hostile_backing_file_names(small: Path) -> None:
     expect_open_error(small, r"backing file name too long \(2000 bytes")
     patch(small, 8, ">QI", 4000, 200)
     expect_open_error(small, "backing file name outside the header cluster")
-    name = b"json:{\"file.filename\": \"/etc/passwd\"}"
+    name = b'json:{"file.filename": "/etc/passwd"}'
     with small.open("r+b") as f:
         f.seek(2048)
         f.write(name)

@@ -227,9 +227,11 @@ def pattern(seed: int, length: int) -> bytes:
 
 # --- configuration -----------------------------------------------------------------------------
 def config_fields(device: BlockDevice) -> dict[str, int]:
-    names = ("capacity size_max seg_max cylinders heads sectors blk_size physical_block_exp alignment_offset "
-             "min_io_size opt_io_size writeback unused0 num_queues max_discard_sectors max_discard_seg "
-             "discard_sector_alignment max_write_zeroes_sectors max_write_zeroes_seg write_zeroes_may_unmap").split()
+    names = (
+        "capacity size_max seg_max cylinders heads sectors blk_size physical_block_exp alignment_offset "
+        "min_io_size opt_io_size writeback unused0 num_queues max_discard_sectors max_discard_seg "
+        "discard_sector_alignment max_write_zeroes_sectors max_write_zeroes_seg write_zeroes_may_unmap"
+    ).split()
     return dict(zip(names, CONFIG.unpack(bytes(device.config)), strict=True))
 
 
@@ -353,7 +355,8 @@ def test_the_last_partial_sector_is_not_addressable(backend: str) -> None:
 
     async def body(rig: Rig) -> None:
         last, past, zero_at_end, zero_past = await roundtrip(
-            rig, read_req(9, 1), read_req(10, 1), simple_req(IN, 10, writable=1), simple_req(IN, 11, writable=1))
+            rig, read_req(9, 1), read_req(10, 1), simple_req(IN, 10, writable=1), simple_req(IN, 11, writable=1)
+        )
         assert last.status == OK and last.data == image.data[9 * SECTOR : 10 * SECTOR]
         assert (past.status, zero_at_end.status, zero_past.status) == (IOERR, OK, IOERR)
 
@@ -709,7 +712,9 @@ def test_file_io_runs_on_worker_threads_and_interrupts_once_per_batch(backend: s
 @pytest.mark.parametrize("kind", [IN, OUT, FLUSH])
 def test_a_reset_while_the_io_runs_drops_the_request(backend: str, kind: int) -> None:
     """The device is reset while the request's IO is on the worker thread: afterwards nothing
-    is written into guest memory and no used entry appears; the next activation works."""
+    is written into guest memory and no used entry appears; the next activation works. A read
+    goes straight into the guest's buffers, so the reset waits for it (the drain): the data
+    may land before the reset returns, never after."""
     image = MemImage(MIB)
     image.data[:] = pattern(12, MIB)
     image.gate = threading.Event()
@@ -732,14 +737,23 @@ def test_a_reset_while_the_io_runs_drops_the_request(backend: str, kind: int) ->
             with anyio.fail_after(10):
                 while not image.entered.is_set():
                     await anyio.sleep(0.001)
-            rig.reset()  # the transport's reset: generation bumped under the lock, queue reset
             assert image.gate is not None
-            image.gate.set()
+            if kind == IN:
+                opener = threading.Timer(0.3, image.gate.set)
+                opener.start()
+                started = time.monotonic()
+                rig.reset()  # the transport's reset: generation bumped under the lock, queue reset
+                assert time.monotonic() - started >= 0.25, "the reset did not wait for the read"
+                opener.join()
+                expected = [rig.memory.read(gpa, length) for gpa, length in request.writable]
+            else:
+                rig.reset()
+                image.gate.set()
+                expected = [b"\xaa" * length for _gpa, length in request.writable]
             with anyio.fail_after(10):
                 while device.dropped == 0:
                     await anyio.sleep(0.001)
-            for gpa, length in request.writable:
-                assert rig.memory.read(gpa, length) == b"\xaa" * length
+            assert [rig.memory.read(gpa, length) for gpa, length in request.writable] == expected
             assert rig.ring.used_idx() == 0 and rig.interrupts == 0
             scope.cancel()  # what the transport does after the reset
             # The driver sets the device up again: a new activation serves.
@@ -908,7 +922,6 @@ class Bad:
     statuses: frozenset[int]
     indirect: bool = False
     read: tuple[int, int] | None = None  # (sector, count) of a read that may succeed
-
 
 
 @st.composite
@@ -1196,4 +1209,3 @@ def _device_rate(backend: str, path: Path, block: int, depth: int, total: int) -
         image.close()
     assert device.errors == 0
     return state["done"] * block / result[0], result[1] / state["done"] * 1e6
-

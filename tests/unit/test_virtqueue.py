@@ -16,8 +16,10 @@ from __future__ import annotations
 import re
 import struct
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import anyio
 import attrs
@@ -39,6 +41,7 @@ from trivmm.devices.virtio import (
     VirtqueueError,
     vring_need_event,
 )
+from trivmm.devices.virtio import queue as queue_module
 from trivmm.devices.virtio.constants import AVAIL_FLAGS, AVAIL_IDX, AVAIL_RING, USED_FLAGS, USED_IDX, USED_RING
 from trivmm.memory import GuestMemory, MemoryRegion
 
@@ -66,6 +69,7 @@ class CountingMemory(GuestMemory):
         self.addresses: list[int] = []  # of the last ``record`` accesses
         self.record = 0
         self._in_hook = False
+        _LIVE_MEMORIES.add(self)
 
     def view(self, gpa: int, length: int, *, write: bool = False) -> memoryview:
         if not self._in_hook:
@@ -81,6 +85,17 @@ class CountingMemory(GuestMemory):
                 finally:
                     self._in_hook = False
         return super().view(gpa, length, write=write)
+
+    # The queue reads and writes its rings through views resolved once (``resolve``), with
+    # the struct objects of trivmm.devices.virtio.queue; ``_count_ring_accesses`` below
+    # routes those through ``access`` too.
+    def access(self, buffer: object, offset: int, size: int, write: bool) -> bool:
+        """Count an access the queue makes through a resolved view, if it is one of ours."""
+        for region, view in zip(self.regions, self._views, strict=False):  # none once closed
+            if buffer is view:
+                self.view(region.guest_base + offset, size, write=write)
+                return True
+        return False
 
     # GuestMemory's scalar accessors skip ``view`` for speed: count them as accesses too.
     def read_u16(self, gpa: int) -> int:
@@ -103,6 +118,37 @@ class CountingMemory(GuestMemory):
 
     def count(self) -> _Counter:
         return _Counter(self)
+
+
+class _CountingStruct:
+    """A ``struct.Struct`` whose accesses into a ``CountingMemory``'s views are counted (and
+    hooked) as that memory's accesses, before they happen."""
+
+    def __init__(self, inner: struct.Struct) -> None:
+        self.inner = inner
+        self.size = inner.size
+
+    def unpack_from(self, buffer: Any, offset: int = 0) -> tuple[Any, ...]:
+        for memory in list(_LIVE_MEMORIES):
+            if memory.access(buffer, offset, self.size, False):
+                break
+        return self.inner.unpack_from(buffer, offset)
+
+    def pack_into(self, buffer: Any, offset: int, *values: Any) -> None:
+        for memory in list(_LIVE_MEMORIES):
+            if memory.access(buffer, offset, self.size, True):
+                break
+        self.inner.pack_into(buffer, offset, *values)
+
+
+_LIVE_MEMORIES: weakref.WeakSet[CountingMemory] = weakref.WeakSet()
+
+
+@pytest.fixture(autouse=True)
+def _count_ring_accesses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ring access of the queue counted and hooked, as ``view`` accesses are."""
+    for name in ("_DESC", "_U16", "_USED_ELEM"):
+        monkeypatch.setattr(queue_module, name, _CountingStruct(getattr(queue_module, name)))
 
 
 @attrs.define
@@ -447,7 +493,10 @@ def test_next_past_an_indirect_table_is_an_error(rig: Rig) -> None:
     rig.desc(0, BUF, 1, NEXT, 2, table=0x8000)
     rig.desc(0, 0x8000, 32, INDIRECT)
     rig.offer(0)
-    assert "descriptor 0 of the indirect table at 0x8000 (chain at head 0) chains to 2, past the end of the 2-entry table" in rig.pop_error()  # noqa: E501
+    assert (
+        "descriptor 0 of the indirect table at 0x8000 (chain at head 0) chains to 2, past the end of the 2-entry table"
+        in rig.pop_error()
+    )  # noqa: E501
 
 
 def test_a_broken_queue_refuses_work_until_reset(rig: Rig) -> None:

@@ -43,7 +43,8 @@ _KERNEL_BUILD_PACKAGES = ["flex", "bison", "bc", "libelf-dev", "libssl-dev", "ma
 _STOCK_META_PACKAGE = "linux-image-cloud-amd64"
 _BUSYBOX = Path("/bin/busybox")
 # The stock kernel's drivers for trivmm's devices, in load order (modinfo "depends").
-_STOCK_MODULES = ["virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "failover", "net_failover",
+_STOCK_MODULES = ["virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci",
+                  "virtio_mmio", "virtio_blk", "failover", "net_failover",
                   "virtio_net", "vsock", "vmw_vsock_virtio_transport_common",
                   "vmw_vsock_virtio_transport", "virtio_rng",
                   "pvpanic", "pvpanic_mmio"]  # pvpanic: a panic ends the VM (QEMU0001 in the DSDT)  # fmt: skip

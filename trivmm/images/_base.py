@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from types import TracebackType
 
 from trivmm.errors import ConfigError
 
-__all__ = ["ImageError", "DiskImage", "Buffer", "pread_exact", "pwrite_all"]
+__all__ = ["ImageError", "DiskImage", "Buffer", "pread_exact", "preadv_exact", "pwrite_all"]
 
 Buffer = bytes | bytearray | memoryview
+_IOV_MAX = 1024  # preadv's limit on buffers per call
 
 
 class ImageError(ConfigError):
@@ -63,6 +65,21 @@ class DiskImage:
                 return b""
             try:
                 return self._read(offset, length)
+            except OSError as exc:
+                raise self._os_error("read", exc) from exc
+
+    def read_into(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        """Fill ``buffers`` (writable byte views, in order) with the disk from ``offset``:
+        a scatter read, straight into guest memory where the format allows (raw: one
+        ``preadv``); otherwise ``read`` and copy."""
+        length = sum(len(buffer) for buffer in buffers)
+        self._check_range(offset, length)
+        with self._lock:
+            self._check_open()
+            if length == 0:
+                return
+            try:
+                self._read_into(offset, buffers, length)
             except OSError as exc:
                 raise self._os_error("read", exc) from exc
 
@@ -130,6 +147,14 @@ class DiskImage:
     def _read(self, offset: int, length: int) -> bytes:
         raise NotImplementedError
 
+    def _read_into(self, offset: int, buffers: Sequence[memoryview], length: int) -> None:
+        """The default scatter read: ``_read``, then copies."""
+        data = memoryview(self._read(offset, length))
+        at = 0
+        for buffer in buffers:
+            buffer[:] = data[at : at + len(buffer)]
+            at += len(buffer)
+
     def _write(self, offset: int, data: memoryview) -> None:
         raise NotImplementedError
 
@@ -186,6 +211,25 @@ def pread_exact(fd: int, length: int, offset: int) -> bytes:
         parts.append(more)
         got += len(more)
     return b"".join(parts)
+
+
+def preadv_exact(fd: int, buffers: Sequence[memoryview], offset: int) -> None:
+    """Fill ``buffers`` from ``offset`` with ``os.preadv``; bytes past the end of the file read
+    as zeros. A short read (a signal, the end of the file) goes on from where it stopped, and
+    only a read that returns nothing ends it with zeros."""
+    pending = list(buffers)
+    while pending:
+        done = os.preadv(fd, pending[:_IOV_MAX], offset)
+        offset += done
+        if not done:
+            for buffer in pending:
+                buffer[:] = bytes(len(buffer))
+            return
+        while pending and done >= len(pending[0]):
+            done -= len(pending[0])
+            pending.pop(0)
+        if done:
+            pending[0] = pending[0][done:]
 
 
 def pwrite_all(fd: int, data: Buffer, offset: int) -> None:

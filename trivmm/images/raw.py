@@ -13,8 +13,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from collections.abc import Sequence
 
-from trivmm.images._base import DiskImage, ImageError, pread_exact, pwrite_all
+from trivmm.images._base import DiskImage, ImageError, pread_exact, preadv_exact, pwrite_all
 from trivmm.images.probe import PROBE_BYTES, probe_problem
 
 __all__ = ["RawImage"]
@@ -69,6 +70,9 @@ class RawImage(DiskImage):
 
     def _read(self, offset: int, length: int) -> bytes:
         return pread_exact(self._fd, length, offset)
+
+    def _read_into(self, offset: int, buffers: Sequence[memoryview], length: int) -> None:
+        preadv_exact(self._fd, buffers, offset)
 
     def _write(self, offset: int, data: memoryview) -> None:
         if self._probed and offset < PROBE_BYTES:

@@ -73,18 +73,19 @@ a batch are one ``image.read`` (up to ``MERGE_BYTES``). FLUSH covers every write
 before it, which is what the spec asks: a write the driver has seen completed reached the
 image before its completion was written.
 
-Read data is a ``bytes`` object made on the worker thread and copied into the guest's
-buffers there, at once, under the device lock and only while ``active.current`` -- the rule
-of ``device.py`` -- and then dropped: holding a batch's reads until the event loop's
-completion costs fresh memory for every batch (glibc gives a batch's worth of freed memory
-back to the kernel past its trim threshold), and fresh memory costs page faults, about 4 us
-a page on this project's nested hosts: 64 reads of 64 KiB held, then freed, cost 50 to 80 us
-each there; read and freed one at a time, 6 to 7 us. The status and the used entry come at
-completion, on the event loop, under the lock again: a reset in between leaves buffers
-written while the device still owned them and returns nothing to the driver. A batch whose
-IO is on the worker thread when the device is reset is dropped (``dropped`` counts it): no
-data, no status, no used entry. The task waits for its worker thread rather than abandoning
-it, so no IO of this device outlives ``serve``.
+Reads go straight into the guest's buffers: one scatter read (``DiskImage.read_into``; a
+raw image's is one ``preadv``) per run of adjacent IN requests of a batch, no copy in
+between -- the data path of a sequential reader is the host kernel's copy from its page
+cache and nothing else. Those buffers are written without the device lock (a read may
+take milliseconds), so the reset rule of ``device.py`` takes one more step here: a read
+starts only while the activation is current (checked under the lock), and a reset waits,
+on its vCPU thread, for reads under way to finish (``reset_state``: the drain QEMU's reset
+does) before the driver can see status 0 and take its buffers back. The status and the used
+entry come at completion, on the event loop, under the lock: a reset in between leaves the
+buffers written while the device still owned them and returns nothing to the driver. A
+batch whose IO is on the worker thread when the device is reset stops there and is dropped
+(``dropped`` counts it): no status, no used entry. The task waits for its worker thread
+rather than abandoning it, so no IO of this device outlives ``serve``.
 
 Parsing reads guest memory without the device lock and checks ``active.current`` under the
 lock once the batch is parsed: the generation only grows, and only under the lock, so
@@ -98,6 +99,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 from collections import deque
 from collections.abc import Sequence
 
@@ -107,6 +109,7 @@ from trivmm.devices.virtio.device import Activation, DeviceType, VirtioDevice
 from trivmm.devices.virtio.queue import DescriptorChain, VirtqueueError
 from trivmm.errors import ConfigError
 from trivmm.images import DiskImage, ImageError
+from trivmm.memory import GuestMemory
 
 __all__ = [
     "BlockDevice", "block_config",
@@ -167,7 +170,8 @@ MAX_DISCARD_SEG = MAX_WRITE_ZEROES_SEG = 32
 BATCH_REQUESTS = 64
 BATCH_BYTES = 4 << 20
 BATCHES_IN_FLIGHT = 2
-MERGE_BYTES = 256 << 10
+MERGE_BYTES = BATCH_BYTES  # adjacent reads in one batch: one scatter read
+MERGE_BUFFERS = 1024  # ... of at most this many guest buffers (preadv's IOV_MAX)
 IO_THREADS = 2
 
 _STATUS = (b"\x00", b"\x01", b"\x02")
@@ -243,6 +247,8 @@ class BlockDevice(VirtioDevice):
                                    write_zeroes=not self.readonly,
                                    discard_alignment=granularity // SECTOR_SIZE)  # fmt: skip
         self._limiter = anyio.CapacityLimiter(IO_THREADS)
+        self._drained = threading.Condition(threading.Lock())  # reads into guest memory: see reset_state
+        self._reads_in_guest = 0
         # Counters (the event loop's thread writes them): requests completed, by status; and
         # completions dropped because the device was reset while their IO ran.
         self.completed = 0
@@ -331,7 +337,11 @@ class BlockDevice(VirtioDevice):
         readable = chain.readable_len
         if readable < HEADER.size:
             return _failed(chain, status_at, VIRTIO_BLK_S_IOERR, f"no {HEADER.size}-byte header ({readable} bytes)")
-        kind, _reserved, sector = HEADER.unpack(chain.read(HEADER.size))
+        gpa, size = chain.readable[0]
+        if size >= HEADER.size:  # the usual layout: the header in a descriptor of its own
+            kind, _reserved, sector = HEADER.unpack_from(*chain.memory.resolve(gpa, HEADER.size))
+        else:
+            kind, _reserved, sector = HEADER.unpack(chain.read(HEADER.size))
         if kind == VIRTIO_BLK_T_IN:
             return self._parse_rw(chain, kind, sector, status_at, status_at)
         if kind == VIRTIO_BLK_T_OUT:
@@ -403,8 +413,8 @@ class BlockDevice(VirtioDevice):
         return request
 
     def _execute(self, active: Activation, batch: Sequence[_Request]) -> None:
-        """The batch's file IO, in ring order (a worker thread). What a read returns is
-        delivered into the guest's buffers at once (``_deliver``) and then dropped."""
+        """The batch's file IO, in ring order (a worker thread). Reads go straight into the
+        guest's buffers (``_read_into_guest``)."""
         image = self.image
         count = len(batch)
         index = 0
@@ -419,20 +429,24 @@ class BlockDevice(VirtioDevice):
             kind = request.kind
             if kind == _DONE:
                 continue
-            if kind == VIRTIO_BLK_T_IN and index < count:
+            if kind == VIRTIO_BLK_T_IN:
                 # Reads of adjacent ranges, next to each other in the ring: one read for all.
                 end = request.offset + request.length
                 run = index
+                buffers = len(request.chain.writable)
                 while run < count and batch[run].kind == VIRTIO_BLK_T_IN and batch[run].offset == end \
-                        and end + batch[run].length - request.offset <= MERGE_BYTES:  # fmt: skip
+                        and end + batch[run].length - request.offset <= MERGE_BYTES \
+                        and buffers + len(batch[run].chain.writable) <= MERGE_BUFFERS:  # fmt: skip
                     end += batch[run].length
+                    buffers += len(batch[run].chain.writable)
                     run += 1
-                if run > index and self._read_merged(active, batch[index - 1 : run], request.offset, end):
+                if run > index and self._read_into_guest(active, batch[index - 1 : run], request.offset):
                     index = run
                     continue
             try:
                 if kind == VIRTIO_BLK_T_IN:
-                    self._deliver(active, (request,), image.read(request.offset, request.length), request.offset)
+                    if not self._read_into_guest(active, (request,), request.offset, single=True):
+                        return  # reset: nothing more of this batch
                 elif kind == VIRTIO_BLK_T_OUT:
                     if request.payload is not None:
                         image.write(request.offset, request.payload)
@@ -452,32 +466,60 @@ class BlockDevice(VirtioDevice):
                 _log.exception("%s: request failed in %r", self.name, image)
                 request.status, request.reason = VIRTIO_BLK_S_IOERR, repr(exc)
 
-    def _read_merged(self, active: Activation, run: Sequence[_Request], start: int, end: int) -> bool:
-        """One read for adjacent IN requests; False (nothing done) if it failed, so that each
-        is read alone and only the failing ones fail."""
-        try:
-            data = self.image.read(start, end - start)
-        except Exception:
-            return False
-        self._deliver(active, run, data, start)
+    def _read_into_guest(self, active: Activation, run: Sequence[_Request], start: int, *,
+                         single: bool = False) -> bool:  # fmt: skip
+        """Read adjacent IN requests' data straight into their buffers (one scatter read) and
+        mark them OK. False when it did not happen: the device was reset (nothing read), or --
+        for a merged run -- the read failed, so that each is read alone and only the failing
+        ones fail; a single request's failure raises ``ImageError``.
+
+        The buffers are written without the device lock (a read may take milliseconds), so a
+        reset must not hand them back to the driver while the read runs: a read starts only
+        while the activation is current, counted in ``_reads_in_guest``, and ``reset_state``
+        waits for that count to drop to zero -- the drain QEMU's reset does for in-flight
+        requests."""
+        views: list[memoryview] = []
+        view = self._memory_view
         for request in run:
+            left = request.length
+            for gpa, size in request.chain.writable:
+                if left <= 0:
+                    break
+                take = min(size, left)
+                views.append(view(request.chain.memory, gpa, take))
+                left -= take
+        with self.lock:
+            if not active.current:
+                return False
+            with self._drained:
+                self._reads_in_guest += 1
+        try:
+            self.image.read_into(start, views)
+        except Exception:
+            if single:
+                raise
+            return False
+        finally:
+            views.clear()
+            with self._drained:
+                self._reads_in_guest -= 1
+                if not self._reads_in_guest:
+                    self._drained.notify_all()
+        for request in run:
+            request.written = request.length
             request.status = VIRTIO_BLK_S_OK
         return True
 
-    def _deliver(self, active: Activation, requests: Sequence[_Request], data: bytes, start: int) -> None:
-        """Copy what was read into the requests' buffers, under the device lock and only while
-        the activation is current (a worker thread). The status and the used entry come at
-        completion: a reset in between leaves the buffers written while the device owned
-        them, and returns nothing to the driver. Copying here, rather than on the event loop
-        at completion, frees each read's memory before the next read allocates: a batch of
-        reads held until completion costs fresh pages, and page faults, on every batch."""
-        view = memoryview(data)
-        with self.lock:
-            if not active.current:
-                return
-            for request in requests:
-                at = request.offset - start
-                request.written = request.chain.write(view[at : at + request.length])
+    @staticmethod
+    def _memory_view(memory: GuestMemory, gpa: int, length: int) -> memoryview:
+        return memory.view(gpa, length, write=True)
+
+    def reset_state(self) -> None:
+        """A reset waits for reads into guest buffers that are under way (``_read_into_guest``):
+        once it returns, the device touches none of the driver's buffers."""
+        with self._drained:
+            while self._reads_in_guest:
+                self._drained.wait()
 
     def _complete(self, active: Activation, batch: Sequence[_Request]) -> None:
         """Write the statuses (and GET_ID replies), return the chains, and interrupt at most
@@ -495,7 +537,9 @@ class BlockDevice(VirtioDevice):
                 for request in batch:
                     chain = request.chain
                     written = request.written + (chain.write(request.reply) if request.reply else 0)
-                    chain.write(_STATUS[request.status], request.status_at)
+                    # The status is the last writable byte: the end of the last writable buffer.
+                    gpa, size = chain.writable[-1]
+                    chain.memory.write(gpa + size - 1, _STATUS[request.status])
                     queue.add_used(chain.head, written + 1)
                 notify = queue.needs_notification()
             except VirtqueueError as exc:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 import attrs
@@ -57,7 +57,7 @@ from trivmm.devices.virtio.constants import (
     desc_table_size,
     used_ring_size,
 )
-from trivmm.memory import GuestMemory, GuestMemoryError
+from trivmm.memory import GuestMemory
 
 __all__ = [
     "SplitQueue", "DescriptorChain", "QueueState", "VirtqueueError", "vring_need_event",
@@ -70,6 +70,7 @@ _U16_MASK = 0xFFFF
 _U32_MAX = 0xFFFF_FFFF
 _U64_LIMIT = 1 << 64
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+_U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")  # id, len
 
 Buffer = tuple[int, int]  # (guest-physical address, length)
@@ -86,6 +87,10 @@ def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
 
 
 _FENCE = threading.Lock()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _full_barrier() -> None:
@@ -178,15 +183,9 @@ def _check_positive(instance: SplitQueue, attribute: attrs.Attribute[int], value
         raise ValueError(f"{attribute.name} must be positive, not {value}")
 
 
-def _frozen_while_ready(instance: SplitQueue, attribute: attrs.Attribute[object], value: object) -> object:
-    """The configuration cannot change under a running queue (the transport forwards the
-    driver's register writes; the spec forbids them while the queue is enabled)."""
-    if instance.ready and value != getattr(instance, attribute.name):
-        raise VirtqueueError(f"the driver changed the queue's {attribute.name} while the queue is ready")
-    return value
-
-
-@attrs.define(eq=False)
+# on_setattr NO_OP: validators run at construction only, and no generated __setattr__ slows
+# the per-request path (the configuration's own checks are the properties below).
+@attrs.define(eq=False, on_setattr=attrs.setters.NO_OP)
 class SplitQueue:
     """The device side of one split virtqueue over ``memory``.
 
@@ -211,12 +210,12 @@ class SplitQueue:
     max_indirect: int = attrs.field(default=MAX_INDIRECT, kw_only=True, validator=_check_positive)
     max_chain_bytes: int = attrs.field(default=MAX_CHAIN_BYTES, kw_only=True, validator=_check_positive)
 
-    # --- set by the transport: power-on values below; frozen while the queue is ready ------
-    size: int = attrs.field(init=False, default=0, on_setattr=_frozen_while_ready)  # reset(): max_size
-    desc_addr: int = attrs.field(init=False, default=0, on_setattr=_frozen_while_ready)
-    avail_addr: int = attrs.field(init=False, default=0, on_setattr=_frozen_while_ready)
-    used_addr: int = attrs.field(init=False, default=0, on_setattr=_frozen_while_ready)
-    event_idx: bool = attrs.field(init=False, default=False, on_setattr=_frozen_while_ready)
+    # --- set by the transport (the properties below): power-on values; frozen while ready ---
+    _size: int = attrs.field(init=False, default=0)  # reset(): max_size
+    _desc_addr: int = attrs.field(init=False, default=0)
+    _avail_addr: int = attrs.field(init=False, default=0)
+    _used_addr: int = attrs.field(init=False, default=0)
+    _event_idx: bool = attrs.field(init=False, default=False)
 
     # --- the device's own state: power-on values are the defaults (reset() restores them) ---
     _ready: bool = attrs.field(init=False, default=False)
@@ -226,11 +225,67 @@ class SplitQueue:
     _signalled_used: int | None = attrs.field(init=False, default=0)  # used.idx at the last check
     _notify: bool = attrs.field(init=False, default=True)  # available-buffer notifications wanted
     _broken: str | None = attrs.field(init=False, default=None)
+    # The rings, resolved once by set_ready (checked inside guest RAM there): a region's view
+    # and each ring's offset in it, so that the per-request path does no address lookups.
+    _desc_view: memoryview | None = attrs.field(init=False, default=None, repr=False)
+    _desc_offset: int = attrs.field(init=False, default=0, repr=False)
+    _avail_view: memoryview | None = attrs.field(init=False, default=None, repr=False)
+    _avail_offset: int = attrs.field(init=False, default=0, repr=False)
+    _used_view: memoryview | None = attrs.field(init=False, default=None, repr=False)
+    _used_offset: int = attrs.field(init=False, default=0, repr=False)
+    _mark_used_ring: Callable[[], None] = attrs.field(init=False, default=_nothing, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self.reset()
 
     # --- configuration -------------------------------------------------------------------
+    # The transport forwards the driver's register writes here; the spec forbids changing
+    # them while the queue is enabled, so a change then is a VirtqueueError.
+    def _set_config(self, name: str, value: object) -> None:
+        if self._ready and value != getattr(self, name):
+            raise VirtqueueError(f"the driver changed the queue's {name.lstrip('_')} while the queue is ready")
+        setattr(self, name, value)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @size.setter
+    def size(self, value: int) -> None:
+        self._set_config("_size", value)
+
+    @property
+    def desc_addr(self) -> int:
+        return self._desc_addr
+
+    @desc_addr.setter
+    def desc_addr(self, value: int) -> None:
+        self._set_config("_desc_addr", value)
+
+    @property
+    def avail_addr(self) -> int:
+        return self._avail_addr
+
+    @avail_addr.setter
+    def avail_addr(self, value: int) -> None:
+        self._set_config("_avail_addr", value)
+
+    @property
+    def used_addr(self) -> int:
+        return self._used_addr
+
+    @used_addr.setter
+    def used_addr(self, value: int) -> None:
+        self._set_config("_used_addr", value)
+
+    @property
+    def event_idx(self) -> bool:
+        return self._event_idx
+
+    @event_idx.setter
+    def event_idx(self, value: bool) -> None:
+        self._set_config("_event_idx", value)
+
     @property
     def ready(self) -> bool:
         return self._ready
@@ -269,6 +324,11 @@ class SplitQueue:
                 raise VirtqueueError(f"the {what} address {addr:#x} is not {align}-byte aligned")
             if not self.memory.contains(addr, length):
                 raise VirtqueueError(f"the {what} ({addr:#x}+{length:#x}) is not inside guest RAM")
+        memory = self.memory
+        self._desc_view, self._desc_offset = memory.resolve(self.desc_addr, desc_table_size(size))
+        self._avail_view, self._avail_offset = memory.resolve(self.avail_addr, avail_ring_size(size))
+        self._used_view, self._used_offset = memory.resolve(self.used_addr, used_ring_size(size))
+        self._mark_used_ring = memory.dirty_marker(self.used_addr, used_ring_size(size))
         self._avail_idx = self._next_avail  # read avail.idx afresh
         self._ready = True
         # Say in the ring whether we want notifications: after a restore (or a queue disabled and
@@ -291,31 +351,30 @@ class SplitQueue:
     def pop(self) -> DescriptorChain | None:
         """The next chain the driver made available, or None if there is none (or the queue is
         not ready). Raises ``VirtqueueError`` for a malformed ring or chain."""
-        self._check_not_broken()
+        if self._broken is not None:
+            self._check_not_broken()
         if not self._ready:
             return None
-        memory = self.memory
-        try:
-            if self._next_avail == self._avail_idx:
-                # Caught up with the last batch: read avail.idx again (once per batch).
-                idx = memory.read_u16(self.avail_addr + AVAIL_IDX)
-                pending = (idx - self._next_avail) & _U16_MASK
-                if pending > self.size:
-                    self._fail(f"avail.idx jumped from {self._avail_idx} to {idx}: {pending} new entries "
-                               f"in a queue of {self.size}")  # fmt: skip
-                self._avail_idx = idx
-                if not pending:
-                    return None
-            slot = self._next_avail & (self.size - 1)
-            head = memory.read_u16(self.avail_addr + AVAIL_RING + 2 * slot)
-            self._next_avail = (self._next_avail + 1) & _U16_MASK
-            chain = self._walk(head, slot)
-            if self.event_idx and self._notify:
-                # Ask to be notified of the next entry the driver adds (QEMU does the same).
-                memory.write_u16(self._avail_event_addr(), self._next_avail)
-            return chain
-        except GuestMemoryError as exc:  # the rings were checked at set_ready: not expected
-            self._fail(f"guest memory access failed: {exc}")
+        avail, base = self._avail_view, self._avail_offset
+        assert avail is not None  # resolved by set_ready
+        if self._next_avail == self._avail_idx:
+            # Caught up with the last batch: read avail.idx again (once per batch).
+            idx = _U16.unpack_from(avail, base + AVAIL_IDX)[0]
+            pending = (idx - self._next_avail) & _U16_MASK
+            if pending > self._size:
+                self._fail(f"avail.idx jumped from {self._avail_idx} to {idx}: {pending} new entries "
+                           f"in a queue of {self._size}")  # fmt: skip
+            self._avail_idx = idx
+            if not pending:
+                return None
+        slot = self._next_avail & (self._size - 1)
+        head = _U16.unpack_from(avail, base + AVAIL_RING + 2 * slot)[0]
+        self._next_avail = (self._next_avail + 1) & _U16_MASK
+        chain = self._walk(head, slot)
+        if self._event_idx and self._notify:
+            # Ask to be notified of the next entry the driver adds (QEMU does the same).
+            self._store_used_u16(USED_RING + 8 * self._size, self._next_avail)
+        return chain
 
     def __iter__(self) -> Iterator[DescriptorChain]:
         """Pop chains until none is available."""
@@ -328,7 +387,10 @@ class SplitQueue:
         if head >= self.size:
             self._fail(f"avail ring entry {slot} names descriptor {head}, past the end of the "
                        f"{self.size}-entry descriptor table")  # fmt: skip
-        table, entries, where = self.desc_addr, self.size, "descriptor table"
+        entries, where = self._size, "descriptor table"
+        view, table = self._desc_view, self._desc_offset  # resolved by set_ready
+        assert view is not None
+        contains = memory.contains
         indirect = False
         budget = entries  # descriptors this chain may still visit in this table: the TTL
         index = head
@@ -341,7 +403,7 @@ class SplitQueue:
                 self._fail(f"the chain at head {head} visits more descriptors than the {entries}-entry "
                            f"{where} holds: a loop")  # fmt: skip
             budget -= 1
-            addr, length, flags, next_index = _DESC.unpack(memory.view(table + DESC_SIZE * index, DESC_SIZE))
+            addr, length, flags, next_index = _DESC.unpack_from(view, table + DESC_SIZE * index)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if indirect:
                     self._fail(f"descriptor {index} of the {where} (chain at head {head}) is itself "
@@ -354,11 +416,12 @@ class SplitQueue:
                 if length // DESC_SIZE > self.max_indirect:
                     self._fail(f"descriptor {index} (chain at head {head}) points to an indirect table of "
                                f"{length // DESC_SIZE} entries, more than the {self.max_indirect} allowed")  # fmt: skip
-                if addr + length > _U64_LIMIT or not memory.contains(addr, length):
+                if addr + length > _U64_LIMIT or not contains(addr, length):
                     self._fail(f"descriptor {index} (chain at head {head}) points to an indirect table at "
                                f"{addr:#x}+{length:#x}, which is not inside guest RAM")  # fmt: skip
                 # The WRITE flag of this descriptor means nothing: the spec says to ignore it.
-                table, entries, where = addr, length // DESC_SIZE, f"indirect table at {addr:#x}"
+                view, table = memory.resolve(addr, length)
+                entries, where = length // DESC_SIZE, f"indirect table at {addr:#x}"
                 indirect = True
                 budget = entries
                 index = 0
@@ -366,7 +429,7 @@ class SplitQueue:
             if addr + length > _U64_LIMIT:
                 self._fail(f"descriptor {index} of the {where} (chain at head {head}) describes "
                            f"{addr:#x}+{length:#x}, which wraps past 2**64")  # fmt: skip
-            if not memory.contains(addr, length):
+            if not contains(addr, length):
                 self._fail(f"descriptor {index} of the {where} (chain at head {head}) describes "
                            f"{addr:#x}+{length:#x}, which is not inside guest RAM")  # fmt: skip
             if flags & VIRTQ_DESC_F_WRITE:
@@ -404,14 +467,13 @@ class SplitQueue:
             raise ValueError(f"written length {written} does not fit the used element's 32 bits")
         if self._next_used == self._next_avail:
             raise RuntimeError("add_used with no chain outstanding: more chains used than popped")
-        try:
-            slot = self._next_used & (self.size - 1)
-            element = self.memory.view(self.used_addr + USED_RING + 8 * slot, 8, write=True)
-            _USED_ELEM.pack_into(element, 0, head, written)
-            self._next_used = (self._next_used + 1) & _U16_MASK
-            self.memory.write_u16(self.used_addr + USED_IDX, self._next_used)  # stores stay in order
-        except GuestMemoryError as exc:  # checked at set_ready: not expected
-            self._fail(f"guest memory access failed: {exc}")
+        view, base = self._used_view, self._used_offset
+        assert view is not None  # resolved by set_ready
+        slot = self._next_used & (self._size - 1)
+        _USED_ELEM.pack_into(view, base + USED_RING + 8 * slot, head, written)
+        self._next_used = (self._next_used + 1) & _U16_MASK
+        _U16.pack_into(view, base + USED_IDX, self._next_used)  # stores stay in order
+        self._mark_used_ring()
 
     # --- notifications -------------------------------------------------------------------
     def needs_notification(self) -> bool:
@@ -430,14 +492,13 @@ class SplitQueue:
         if new == old:
             return False  # nothing used since the last call
         _full_barrier()  # used.idx is stored before used_event / avail.flags are loaded
-        try:
-            if not self.event_idx:
-                return not self.memory.read_u16(self.avail_addr + AVAIL_FLAGS) & VIRTQ_AVAIL_F_NO_INTERRUPT
-            if old is None:
-                return True
-            used_event = self.memory.read_u16(self.avail_addr + AVAIL_RING + 2 * self.size)
-        except GuestMemoryError as exc:  # checked at set_ready: not expected
-            self._fail(f"guest memory access failed: {exc}")
+        avail, base = self._avail_view, self._avail_offset
+        assert avail is not None  # resolved by set_ready
+        if not self._event_idx:
+            return not _U16.unpack_from(avail, base + AVAIL_FLAGS)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+        if old is None:
+            return True
+        used_event = _U16.unpack_from(avail, base + AVAIL_RING + 2 * self._size)[0]
         return vring_need_event(used_event, new, old)
 
     def disable_notification(self) -> None:
@@ -446,8 +507,8 @@ class SplitQueue:
         if not self._ready:
             return
         self._notify = False
-        if not self.event_idx:
-            self._store_u16(self.used_addr + USED_FLAGS, VIRTQ_USED_F_NO_NOTIFY)
+        if not self._event_idx:
+            self._store_used_u16(USED_FLAGS, VIRTQ_USED_F_NO_NOTIFY)
         # With EVENT_IDX, avail_event simply stops following next_avail: once the driver has
         # passed it, it does not notify again.
 
@@ -458,15 +519,13 @@ class SplitQueue:
         if not self._ready:
             return False
         self._notify = True
-        if self.event_idx:
-            self._store_u16(self._avail_event_addr(), self._next_avail)
+        if self._event_idx:
+            self._store_used_u16(USED_RING + 8 * self._size, self._next_avail)
         else:
-            self._store_u16(self.used_addr + USED_FLAGS, 0)
+            self._store_used_u16(USED_FLAGS, 0)
         _full_barrier()  # the request is stored before avail.idx is loaded
-        try:
-            return self.memory.read_u16(self.avail_addr + AVAIL_IDX) != self._next_avail
-        except GuestMemoryError as exc:  # checked at set_ready: not expected
-            self._fail(f"guest memory access failed: {exc}")
+        assert self._avail_view is not None  # resolved by set_ready
+        return _U16.unpack_from(self._avail_view, self._avail_offset + AVAIL_IDX)[0] != self._next_avail
 
     # --- saved state ---------------------------------------------------------------------
     def save(self) -> QueueState:
@@ -498,14 +557,11 @@ class SplitQueue:
                 raise
 
     # --- helpers -------------------------------------------------------------------------
-    def _avail_event_addr(self) -> int:
-        return self.used_addr + USED_RING + 8 * self.size
-
-    def _store_u16(self, gpa: int, value: int) -> None:
-        try:
-            self.memory.write_u16(gpa, value)
-        except GuestMemoryError as exc:  # checked at set_ready: not expected
-            self._fail(f"guest memory access failed: {exc}")
+    def _store_used_u16(self, offset: int, value: int) -> None:
+        """Store a u16 at ``offset`` of the used ring (flags, idx, avail_event)."""
+        assert self._used_view is not None  # resolved by set_ready
+        _U16.pack_into(self._used_view, self._used_offset + offset, value)
+        self._mark_used_ring()
 
     def _check_not_broken(self) -> None:
         if self._broken is not None:
