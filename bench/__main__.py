@@ -1,7 +1,9 @@
 """Benchmarks, each a ratio or difference measured side by side in one run.
 
-    python -m bench                 exit cost and start-up (about a minute)
+    python -m bench                 exit cost and start-up (about a minute), virtio-blk, density
     python -m bench --linux         also boot the small Debian-built guest to its init marker
+    python -m bench --blk-only      only bench/virtio_blk.py (python -m bench.virtio_blk)
+    python -m bench --density-only  only bench/density.py (python -m bench.density)
 
 1. PIO exit cost, one 32-bit `out` loop answered three ways, alternating in every round:
    - the C floor: ../shared/tools/kvm_exit_floor.c (compiled on the fly), a C loop that
@@ -33,6 +35,10 @@
 2. Start-up: process start to the first serial byte of `python -m trivmm run` (built-in
    guest), against a process that only imports trio, cffi and attrs; medians of several.
 3. (--linux) the small guest (PVH, 2 vCPUs) from process start to its init marker.
+4. virtio-blk from a tiny guest polling at CPL3: 64 KiB sequential and 4 KiB random reads
+   against the host's own reads of the same file, and the VMM's CPU per request
+   (bench/virtio_blk.py, whose docstring says how).
+5. Density: tiny VMs per second, per MiB, per process (bench/density.py).
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from pathlib import Path
 
 import trio
 
-from bench import density
+from bench import density, virtio_blk
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR_SOURCE = Path(os.environ.get("TRIVMM_EXIT_FLOOR_C", ROOT.parent / "shared/tools/kvm_exit_floor.c"))
@@ -342,15 +348,20 @@ def main() -> None:
                              f"{MAX_EXITS} (default 61440)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--linux", action="store_true", help="also time the small Linux guest's boot")
-    parser.add_argument("--density-only", action="store_true", help="only bench/density.py (python -m bench.density)")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--density-only", action="store_true", help="only bench/density.py (python -m bench.density)")
+    only.add_argument("--blk-only", action="store_true", help="only bench/virtio_blk.py (python -m bench.virtio_blk)")
     args = parser.parse_args()
     print(f"trivmm benchmarks on {os.uname().nodename}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
-    if not args.density_only:
+    if not (args.density_only or args.blk_only):
         bench_exits(args.exits, args.rounds)
         bench_startup(max(args.rounds, 7))
     if args.linux:
         bench_linux(vcpus=2)
-    density.main([])  # tiny VMs per second, per process, per MiB (bench/density.py)
+    if not args.density_only:
+        virtio_blk.main([])  # virtio-blk from a guest polling at CPL3 (bench/virtio_blk.py)
+    if not args.blk_only:
+        density.main([])  # tiny VMs per second, per process, per MiB (bench/density.py)
 
 
 if __name__ == "__main__":

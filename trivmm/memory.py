@@ -19,7 +19,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import mmap
-import struct
+import sys
 from collections.abc import Callable, Iterable, Iterator
 
 import attrs
@@ -28,9 +28,9 @@ __all__ = ["GuestMemory", "MemoryRegion", "GuestMemoryError", "PAGE_SIZE"]
 
 PAGE_SIZE = 4096
 _U64_LIMIT = 1 << 64
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
+# Scalars go through native-order word views (see GuestMemory.__init__); guest memory is
+# little-endian, and so must the host be.
+assert sys.byteorder == "little", "trivmm runs on little-endian (x86-64) hosts"
 
 
 class GuestMemoryError(ValueError):
@@ -84,6 +84,16 @@ class GuestMemory:
             if a.guest_end > b.guest_base:
                 raise GuestMemoryError(f"regions at {a.guest_base:#x} and {b.guest_base:#x} overlap")
         self._views = [memoryview(r.mapping) for r in self.regions]
+        # The same memory as arrays of u16/u32/u64, for scalar accesses the guest may race
+        # with (a virtqueue's indices): an aligned item read or assignment is one load or
+        # store of its full width. ``struct`` is not: ``pack_into`` zeroes its destination
+        # before it stores the value, and ``"<H"``-style unpacking reads byte by byte, so a
+        # vCPU can see a transient 0 and the VMM a torn value.
+        self._words: dict[int, list[memoryview]] = {
+            2: [view.cast("H") for view in self._views],
+            4: [view.cast("I") for view in self._views],
+            8: [view.cast("Q") for view in self._views],
+        }
         # (base, end) of each region as plain ints: _locate runs several times per device
         # request, and attribute and property lookups were most of its cost.
         self._bounds = tuple((r.guest_base, r.guest_base + r.size) for r in self.regions)
@@ -101,6 +111,10 @@ class GuestMemory:
         return iter(self.regions)
 
     def close(self) -> None:
+        for words in self._words.values():
+            for view in words:
+                view.release()
+            words.clear()
         for view in self._views:
             view.release()
         self._views = []
@@ -196,31 +210,50 @@ class GuestMemory:
             view[start:end] = chunk[: end - start]
 
     def read_u16(self, gpa: int) -> int:
-        i, offset = self._locate(gpa, 2)
-        return int(_U16.unpack_from(self._views[i], offset)[0])
+        return self._load(2, gpa)
 
     def read_u32(self, gpa: int) -> int:
-        i, offset = self._locate(gpa, 4)
-        return int(_U32.unpack_from(self._views[i], offset)[0])
+        return self._load(4, gpa)
 
     def read_u64(self, gpa: int) -> int:
-        i, offset = self._locate(gpa, 8)
-        return int(_U64.unpack_from(self._views[i], offset)[0])
-
-    def _store(self, fmt: struct.Struct, gpa: int, value: int) -> None:
-        i, offset = self._locate(gpa, fmt.size)
-        self.regions[i].vmm_dirty[offset // PAGE_SIZE] = 1  # naturally aligned: one page (else two)
-        self.regions[i].vmm_dirty[(offset + fmt.size - 1) // PAGE_SIZE] = 1
-        fmt.pack_into(self._views[i], offset, value)
+        return self._load(8, gpa)
 
     def write_u16(self, gpa: int, value: int) -> None:
-        self._store(_U16, gpa, value)
+        self._store(2, gpa, value)
 
     def write_u32(self, gpa: int, value: int) -> None:
-        self._store(_U32, gpa, value)
+        self._store(4, gpa, value)
 
     def write_u64(self, gpa: int, value: int) -> None:
-        self._store(_U64, gpa, value)
+        self._store(8, gpa, value)
+
+    def _load(self, size: int, gpa: int) -> int:
+        """A little-endian scalar; one load of its width when ``gpa`` is aligned to it."""
+        i, offset = self._locate(gpa, size)
+        if offset % size:  # unaligned: no single access exists anyway
+            return int.from_bytes(self._views[i][offset : offset + size], "little")
+        return int(self._words[size][i][offset // size])
+
+    def _store(self, size: int, gpa: int, value: int) -> None:
+        """Store a little-endian scalar (one store of its width when aligned), marked dirty."""
+        i, offset = self._locate(gpa, size)
+        dirty = self.regions[i].vmm_dirty
+        dirty[offset // PAGE_SIZE] = 1
+        dirty[(offset + size - 1) // PAGE_SIZE] = 1
+        if offset % size:
+            self._views[i][offset : offset + size] = value.to_bytes(size, "little")
+        else:
+            self._words[size][i][offset // size] = value
+
+    def words(self, gpa: int, size: int) -> tuple[memoryview, int]:
+        """The region's view as an array of ``size``-byte words (2, 4 or 8) and the index of
+        the word at ``gpa``, which must be aligned to ``size``: for a caller that reads and
+        writes the same scalars again and again (a virtqueue's indices), each access one
+        load or store of the word. Writes through it are not marked dirty (``dirty_marker``)."""
+        i, offset = self._locate(gpa, size)
+        if offset % size:
+            raise GuestMemoryError(f"guest address {gpa:#x} is not aligned to {size} bytes")
+        return self._words[size][i], offset // size
 
     # --- the VMM's own dirty log ---------------------------------------------------------
     def take_vmm_dirty(self, region: MemoryRegion) -> bytes:

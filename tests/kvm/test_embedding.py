@@ -22,6 +22,7 @@ from tests.kvm.guests import assemble
 from tests.kvm.test_tiny_guests import Log, Registers
 from trivmm import StopReason, VmConfig, VmError
 from trivmm.devices.acpi_pm import ACPI_PM_PORT
+from trivmm.kvm import Kvm
 
 pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("binutils"),
               pytest.mark.parametrize("backend", ["trio", "asyncio"])]  # fmt: skip
@@ -36,6 +37,7 @@ class Resources:
     """What a process holds that a VM takes: fds, vCPU threads, guest RAM mappings."""
 
     def __init__(self) -> None:
+        Kvm.shared()  # the process's /dev/kvm fd, opened by the first VM, is not a VM's
         self.fds = len(os.listdir("/proc/self/fd"))
         self.threads = _vcpu_threads()
         self.guest_ram: list[int] = []  # host addresses of the VMs' RAM regions

@@ -90,10 +90,12 @@ class CountingMemory(GuestMemory):
     # the struct objects of trivmm.devices.virtio.queue; ``_count_ring_accesses`` below
     # routes those through ``access`` too.
     def access(self, buffer: object, offset: int, size: int, write: bool) -> bool:
-        """Count an access the queue makes through a resolved view, if it is one of ours."""
-        for region, view in zip(self.regions, self._views, strict=False):  # none once closed
-            if buffer is view:
-                self.view(region.guest_base + offset, size, write=write)
+        """Count an access the queue makes through a resolved view (``offset`` in bytes) or a
+        u16 word view (``offset`` in words), if it is one of ours."""
+        for region, view, words in zip(self.regions, self._views, self._words[2], strict=False):  # none once closed
+            if buffer is view or buffer is words:
+                at = offset if buffer is view else 2 * offset
+                self.view(region.guest_base + at, size, write=write)
                 return True
         return False
 
@@ -144,11 +146,27 @@ class _CountingStruct:
 _LIVE_MEMORIES: weakref.WeakSet[CountingMemory] = weakref.WeakSet()
 
 
+def _counted_load_u16(words: memoryview, index: int) -> int:
+    for memory in list(_LIVE_MEMORIES):
+        if memory.access(words, index, 2, False):
+            break
+    return int(words[index])
+
+
+def _counted_store_u16(words: memoryview, index: int, value: int) -> None:
+    for memory in list(_LIVE_MEMORIES):
+        if memory.access(words, index, 2, True):
+            break
+    words[index] = value
+
+
 @pytest.fixture(autouse=True)
 def _count_ring_accesses(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every ring access of the queue counted and hooked, as ``view`` accesses are."""
-    for name in ("_DESC", "_U16", "_USED_ELEM"):
+    for name in ("_DESC", "_USED_ELEM"):
         monkeypatch.setattr(queue_module, name, _CountingStruct(getattr(queue_module, name)))
+    monkeypatch.setattr(queue_module, "_load_u16", _counted_load_u16)
+    monkeypatch.setattr(queue_module, "_store_u16", _counted_store_u16)
 
 
 @attrs.define
@@ -496,7 +514,7 @@ def test_next_past_an_indirect_table_is_an_error(rig: Rig) -> None:
     assert (
         "descriptor 0 of the indirect table at 0x8000 (chain at head 0) chains to 2, past the end of the 2-entry table"
         in rig.pop_error()
-    )  # noqa: E501
+    )
 
 
 def test_a_broken_queue_refuses_work_until_reset(rig: Rig) -> None:

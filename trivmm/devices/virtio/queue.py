@@ -21,7 +21,11 @@ before ``used.idx``, and x86 keeps stores in order. What x86 does reorder is a s
 later load, and two places need exactly that order (the Dekker pattern both sides of a
 notification follow): storing ``used.idx`` then loading ``used_event``/``avail.flags`` in
 ``needs_notification``, and storing ``avail_event``/``used.flags`` then loading
-``avail.idx`` in ``enable_notification``. Those go through ``_full_barrier``.
+``avail.idx`` in ``enable_notification``. Those go through ``_full_barrier``. The indices and
+flags themselves are loaded and stored as whole 16-bit words (``GuestMemory.words``), never
+with ``struct``: its ``pack_into`` zeroes the destination before storing (a driver polling
+``used.idx`` would see 0 for a moment: found by the CPL3 benchmark guest), and its ``"<H"``
+unpacking reads byte by byte (a torn ``avail.idx``).
 
 Not thread-safe: one owner (a device backend) drives a queue at a time; the transport
 configures it while it is not ready.
@@ -70,7 +74,20 @@ _U16_MASK = 0xFFFF
 _U32_MAX = 0xFFFF_FFFF
 _U64_LIMIT = 1 << 64
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next
-_U16 = struct.Struct("<H")
+
+
+# The indices and flags both sides race on (avail.idx, used.idx, the event indices, the
+# flags) are read and written as whole u16 words through GuestMemory.words(): one load or
+# store each. (struct's pack_into zeroes the destination before storing, so a driver could
+# read used.idx as 0 for a moment; "<H" unpacking reads byte by byte and could tear.)
+def _load_u16(words: memoryview, index: int) -> int:
+    return int(words[index])
+
+
+def _store_u16(words: memoryview, index: int, value: int) -> None:
+    words[index] = value
+
+
 _USED_ELEM = struct.Struct("<II")  # id, len
 
 Buffer = tuple[int, int]  # (guest-physical address, length)
@@ -229,10 +246,12 @@ class SplitQueue:
     # and each ring's offset in it, so that the per-request path does no address lookups.
     _desc_view: memoryview | None = attrs.field(init=False, default=None, repr=False)
     _desc_offset: int = attrs.field(init=False, default=0, repr=False)
-    _avail_view: memoryview | None = attrs.field(init=False, default=None, repr=False)
-    _avail_offset: int = attrs.field(init=False, default=0, repr=False)
+    _avail_words: memoryview | None = attrs.field(init=False, default=None, repr=False)  # u16 words
+    _avail_index: int = attrs.field(init=False, default=0, repr=False)  # of avail.flags
     _used_view: memoryview | None = attrs.field(init=False, default=None, repr=False)
     _used_offset: int = attrs.field(init=False, default=0, repr=False)
+    _used_words: memoryview | None = attrs.field(init=False, default=None, repr=False)  # u16 words
+    _used_index: int = attrs.field(init=False, default=0, repr=False)  # of used.flags
     _mark_used_ring: Callable[[], None] = attrs.field(init=False, default=_nothing, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -326,8 +345,9 @@ class SplitQueue:
                 raise VirtqueueError(f"the {what} ({addr:#x}+{length:#x}) is not inside guest RAM")
         memory = self.memory
         self._desc_view, self._desc_offset = memory.resolve(self.desc_addr, desc_table_size(size))
-        self._avail_view, self._avail_offset = memory.resolve(self.avail_addr, avail_ring_size(size))
+        self._avail_words, self._avail_index = memory.words(self.avail_addr, 2)
         self._used_view, self._used_offset = memory.resolve(self.used_addr, used_ring_size(size))
+        self._used_words, self._used_index = memory.words(self.used_addr, 2)
         self._mark_used_ring = memory.dirty_marker(self.used_addr, used_ring_size(size))
         self._avail_idx = self._next_avail  # read avail.idx afresh
         self._ready = True
@@ -355,11 +375,11 @@ class SplitQueue:
             self._check_not_broken()
         if not self._ready:
             return None
-        avail, base = self._avail_view, self._avail_offset
+        avail, base = self._avail_words, self._avail_index
         assert avail is not None  # resolved by set_ready
         if self._next_avail == self._avail_idx:
             # Caught up with the last batch: read avail.idx again (once per batch).
-            idx = _U16.unpack_from(avail, base + AVAIL_IDX)[0]
+            idx = _load_u16(avail, base + AVAIL_IDX // 2)
             pending = (idx - self._next_avail) & _U16_MASK
             if pending > self._size:
                 self._fail(f"avail.idx jumped from {self._avail_idx} to {idx}: {pending} new entries "
@@ -368,7 +388,7 @@ class SplitQueue:
             if not pending:
                 return None
         slot = self._next_avail & (self._size - 1)
-        head = _U16.unpack_from(avail, base + AVAIL_RING + 2 * slot)[0]
+        head = _load_u16(avail, base + AVAIL_RING // 2 + slot)
         self._next_avail = (self._next_avail + 1) & _U16_MASK
         chain = self._walk(head, slot)
         if self._event_idx and self._notify:
@@ -380,6 +400,40 @@ class SplitQueue:
         """Pop chains until none is available."""
         while (chain := self.pop()) is not None:
             yield chain
+
+    def unpop(self, count: int) -> None:
+        """Give back the ``count`` chains popped last, none of them used: the next pops read
+        them from the ring again. A backend quiesced for a snapshot does this with the chains
+        it took and did not serve, so that the VMM holds no chain when the queue is saved.
+
+        Their avail-ring slots still name them. The driver writes the slot of entry ``i``
+        (``i mod size``) only to add entry ``i``; entries ``next_avail - count`` onwards are
+        all outstanding (given back here, or not popped yet), each holding a descriptor head
+        of its own, so fewer than ``size + 1`` of them exist and the driver cannot have added
+        the entry ``size`` past the first given back, the one that would reuse its slot. (A
+        driver that rewrites them anyway gets what it wrote, checked as any chain is.)
+
+        ``RuntimeError`` for more chains than are outstanding (popped and not used): the
+        caller's bookkeeping is wrong. The queue cannot tell *which* chains were used, so the
+        caller vouches that none of the last ``count`` was."""
+        self._check_not_broken()
+        if not self._ready:
+            raise RuntimeError("unpop on a queue that is not ready")
+        outstanding = (self._next_avail - self._next_used) & _U16_MASK
+        if not 0 <= count <= outstanding:
+            raise RuntimeError(f"unpop of {count} chains with {outstanding} outstanding: more than were popped "
+                               "and not used")  # fmt: skip
+        if not count:
+            return
+        self._next_avail = (self._next_avail - count) & _U16_MASK
+        if self._event_idx and self._notify:
+            # pop() asked to hear of the entry after the last one taken; they are to be taken again.
+            self._store_used_u16(USED_RING + 8 * self._size, self._next_avail)
+
+    @property
+    def outstanding(self) -> int:
+        """Chains popped and not yet used."""
+        return (self._next_avail - self._next_used) & _U16_MASK
 
     def _walk(self, head: int, slot: int) -> DescriptorChain:
         """Follow the chain at ``head``; each descriptor is read once and checked."""
@@ -472,8 +526,7 @@ class SplitQueue:
         slot = self._next_used & (self._size - 1)
         _USED_ELEM.pack_into(view, base + USED_RING + 8 * slot, head, written)
         self._next_used = (self._next_used + 1) & _U16_MASK
-        _U16.pack_into(view, base + USED_IDX, self._next_used)  # stores stay in order
-        self._mark_used_ring()
+        self._store_used_u16(USED_IDX, self._next_used)  # after the element: x86 keeps stores in order
 
     # --- notifications -------------------------------------------------------------------
     def needs_notification(self) -> bool:
@@ -492,13 +545,13 @@ class SplitQueue:
         if new == old:
             return False  # nothing used since the last call
         _full_barrier()  # used.idx is stored before used_event / avail.flags are loaded
-        avail, base = self._avail_view, self._avail_offset
+        avail, base = self._avail_words, self._avail_index
         assert avail is not None  # resolved by set_ready
         if not self._event_idx:
-            return not _U16.unpack_from(avail, base + AVAIL_FLAGS)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+            return not _load_u16(avail, base + AVAIL_FLAGS // 2) & VIRTQ_AVAIL_F_NO_INTERRUPT
         if old is None:
             return True
-        used_event = _U16.unpack_from(avail, base + AVAIL_RING + 2 * self._size)[0]
+        used_event = _load_u16(avail, base + AVAIL_RING // 2 + self._size)
         return vring_need_event(used_event, new, old)
 
     def disable_notification(self) -> None:
@@ -524,8 +577,8 @@ class SplitQueue:
         else:
             self._store_used_u16(USED_FLAGS, 0)
         _full_barrier()  # the request is stored before avail.idx is loaded
-        assert self._avail_view is not None  # resolved by set_ready
-        return _U16.unpack_from(self._avail_view, self._avail_offset + AVAIL_IDX)[0] != self._next_avail
+        assert self._avail_words is not None  # resolved by set_ready
+        return _load_u16(self._avail_words, self._avail_index + AVAIL_IDX // 2) != self._next_avail
 
     # --- saved state ---------------------------------------------------------------------
     def save(self) -> QueueState:
@@ -559,8 +612,8 @@ class SplitQueue:
     # --- helpers -------------------------------------------------------------------------
     def _store_used_u16(self, offset: int, value: int) -> None:
         """Store a u16 at ``offset`` of the used ring (flags, idx, avail_event)."""
-        assert self._used_view is not None  # resolved by set_ready
-        _U16.pack_into(self._used_view, self._used_offset + offset, value)
+        assert self._used_words is not None  # resolved by set_ready
+        _store_u16(self._used_words, self._used_index + offset // 2, value)
         self._mark_used_ring()
 
     def _check_not_broken(self) -> None:
