@@ -14,18 +14,19 @@ The public API is re-exported here; submodules are implementation. Errors: every
 trivmm raises on purpose is a ``TrivmmError`` -- ``ConfigError`` (bad input, including
 ``KernelImageError``), ``VmError`` (the VM failed; ``VcpuError`` names the vCPU) and
 ``KvmError`` (the host's KVM refused, an ``OSError`` with its errno; ``KvmUnavailable``
-when /dev/kvm cannot be used).
+when /dev/kvm cannot be used) and ``MigrationError`` (a snapshot that cannot be written,
+read or applied).
 """
 
 from trivmm._threads import ensure_kick_handler as install_signal_handler
 from trivmm.boot.bzimage import KernelImageError
 from trivmm.config import DiskConfig, NetConfig, VmConfig, VsockConfig, parse_size
 from trivmm.console import ConsoleStream
-from trivmm.errors import ConfigError, TrivmmError, VcpuError, VmError
+from trivmm.errors import ConfigError, MigrationError, TrivmmError, VcpuError, VmError
 from trivmm.kvm import KvmError, KvmUnavailable
 from trivmm.vcpu import StopReason
 from trivmm.vm import VM, VmExit, open_vm
 
 __all__ = ["VM", "open_vm", "VmConfig", "DiskConfig", "NetConfig", "VmExit", "StopReason", "ConsoleStream",
            "TrivmmError", "ConfigError", "VmError", "VcpuError", "KernelImageError", "KvmError", "KvmUnavailable",
-           "parse_size", "install_signal_handler", "VsockConfig"]  # fmt: skip
+           "parse_size", "install_signal_handler", "VsockConfig", "MigrationError"]  # fmt: skip

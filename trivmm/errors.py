@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["TrivmmError", "ConfigError", "VmError", "VcpuError"]
+__all__ = ["TrivmmError", "ConfigError", "VmError", "VcpuError", "MigrationError"]
 
 
 class TrivmmError(Exception):
@@ -23,3 +23,9 @@ class VcpuError(VmError):
     def __init__(self, index: int, message: str) -> None:
         super().__init__(f"vCPU {index}: {message}")
         self.index = index
+
+
+class MigrationError(TrivmmError):
+    """A snapshot or migration stream that cannot be written, read or applied: a bad magic,
+    an unknown version, a bad checksum, a truncated stream, a length out of bounds, a
+    destination that does not match, or a VM with state that cannot be saved yet."""

@@ -34,7 +34,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -80,6 +80,9 @@ from trivmm.kvm.vm import Vm
 from trivmm.memory import GuestMemory
 from trivmm.vcpu import StopReason, VcpuRunner
 
+if TYPE_CHECKING:
+    from trivmm.migration import SnapshotInfo, SnapshotSource, SnapshotTarget
+
 __all__ = ["VM", "VmExit", "open_vm", "ConsoleOutput", "ConsoleInput", "CONSOLE_BUFFER_LIMIT",
            "CONSOLE_FLUSH_TIMEOUT"]  # fmt: skip
 
@@ -104,16 +107,21 @@ class VmExit:
 class VM:
     """A virtual machine on /dev/kvm. See the module docstring."""
 
-    def __init__(self, config: VmConfig, *, console_output: ConsoleOutput = None,
-                 console_input: ConsoleInput = None, kvm_path: str = "/dev/kvm") -> None:  # fmt: skip
+    def __init__(self, config: VmConfig, *, console_output: ConsoleOutput = None, console_input: ConsoleInput = None,
+                 kvm_path: str = "/dev/kvm", incoming: bool = False) -> None:  # fmt: skip
         self.config = config
         try:
             self.template: CpuTemplate = get_template(config.cpu_template)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        kernel = config.read_kernel()
-        check_kernel(kernel)  # bad input is reported as such, before any KVM resource is taken
-        initrd = config.read_initrd()
+        # incoming: the guest's state comes from a snapshot or migration stream
+        # (trivmm.migration), which clears this once applied; no kernel is loaded.
+        self.incoming = incoming
+        kernel = initrd = None
+        if not incoming:
+            kernel = config.read_kernel()
+            check_kernel(kernel)  # bad input is reported as such, before any KVM resource is taken
+            initrd = config.read_initrd()
         try:
             self._console_delivery = console_delivery(console_output)
             self._console_receive = console_receiver(console_input)
@@ -153,7 +161,7 @@ class VM:
                                      self._accepts_input)  # fmt: skip
 
     # --- construction -------------------------------------------------------------------
-    def _build(self, kernel: bytes, initrd: bytes | None, sink: Callable[[bytes], None]) -> None:
+    def _build(self, kernel: bytes | None, initrd: bytes | None, sink: Callable[[bytes], None]) -> None:
         config = self.config
         if config.vcpus > self.kvm.max_vcpus:
             raise ConfigError(f"host KVM allows at most {self.kvm.max_vcpus} vCPUs")
@@ -179,15 +187,16 @@ class VM:
             mmio_devices = self._attach_virtio_mmio(devices)
         elif devices:
             pci = self._attach_virtio_pci(devices)
-        self.boot: BootEntry = load_kernel(memory, kernel, initrd=initrd, cmdline=self.cmdline,
-                                           vcpus=config.vcpus, protocol=config.boot_protocol,
-                                           pci=pci, virtio_mmio=mmio_devices)  # fmt: skip
+        self.boot: BootEntry | None = None
+        if kernel is not None:
+            self.boot = load_kernel(memory, kernel, initrd=initrd, cmdline=self.cmdline, vcpus=config.vcpus,
+                                    protocol=config.boot_protocol, pci=pci, virtio_mmio=mmio_devices)  # fmt: skip
         supported = self.kvm.supported_cpuid()
         for index in range(config.vcpus):
             vcpu = vm.create_vcpu(index)
             self.vcpus.append(vcpu)
             configure_vcpu(vcpu, vcpu_cpuid(supported, self.template, index, config.vcpus))
-            if index == 0:
+            if index == 0 and self.boot is not None:
                 set_entry_state(vcpu, self.boot)
             self.runners.append(VcpuRunner(vcpu, memory, self.pio, self.mmio, self._guest_stopped,
                                            self._paused_changed, vcpu_hooks(self.template, vcpu, memory)))  # fmt: skip
@@ -351,6 +360,8 @@ class VM:
             raise VmError("a VM runs once; build a new VM to boot again")
         if self.vm is None:
             raise VmError("VM is closed")
+        if self.incoming:
+            raise VmError("the VM waits for its state: restore it with trivmm.migration.restore_vm()")
         ensure_kick_handler()
         self._ran = True
         finished = self._finished_event()
@@ -501,6 +512,26 @@ class VM:
     def paused(self) -> bool:
         return bool(self.runners) and len(self._paused) == len(self.runners)
 
+    # --- snapshot and restore (trivmm.migration) -------------------------------------------
+    async def snapshot(self, target: SnapshotTarget, *, resume: bool = True) -> SnapshotInfo:
+        """Write the VM's complete state to ``target`` (a path, or an anyio byte stream),
+        the vCPUs paused meanwhile; a guest that was running runs on (``resume=False``:
+        it stays paused). ``MigrationError`` when it cannot be saved (docs/migration.md)."""
+        from trivmm.migration import snapshot_vm
+
+        return await snapshot_vm(self, target, resume=resume)
+
+    @classmethod
+    async def restore(cls, source: SnapshotSource, config: VmConfig | None = None, *,
+                      console_output: ConsoleOutput = None, console_input: ConsoleInput = None,
+                      kvm_path: str = "/dev/kvm") -> VM:  # fmt: skip
+        """A VM built from a snapshot file or stream, ready to ``run()`` on where the source
+        stopped; ``config`` (None: the snapshot's) must match the source's shape."""
+        from trivmm.migration import restore_vm
+
+        return await restore_vm(source, config, console_output=console_output, console_input=console_input,
+                                kvm_path=kvm_path)  # fmt: skip
+
     # --- teardown -----------------------------------------------------------------------
     def close(self) -> None:
         """Release fds and memory. vCPU threads still running are stopped first; one that
@@ -595,8 +626,9 @@ def _collapse(group: BaseExceptionGroup) -> BaseException:
 
 
 @contextlib.asynccontextmanager
-async def open_vm(config: VmConfig, *, console_output: ConsoleOutput = None, console_input: ConsoleInput = None,
-                  kvm_path: str = "/dev/kvm") -> AsyncIterator[VM]:  # fmt: skip
+async def open_vm(config: VmConfig | None = None, *, console_output: ConsoleOutput = None,
+                  console_input: ConsoleInput = None, kvm_path: str = "/dev/kvm",
+                  restore_from: SnapshotSource | None = None) -> AsyncIterator[VM]:  # fmt: skip
     """A running VM as a structured task: built and started on enter, torn down on exit.
 
         async with trivmm.open_vm(config) as vm:
@@ -607,14 +639,21 @@ async def open_vm(config: VmConfig, *, console_output: ConsoleOutput = None, con
     every thread, fd and byte of guest memory before the ``async with`` ends. A VM that
     fails cancels the block and its error is raised from the ``async with``; cancelling the
     caller's scope tears the VM down the same way. Works under trio and asyncio.
+
+    ``restore_from`` (a snapshot file or stream) runs the guest on from a snapshot instead
+    of booting it (``config``: None for the snapshot's own; see ``VM.restore``).
     """
     # Building takes a few KVM ioctls that wait in the host kernel (memory slots, irqchip:
     # milliseconds on a nested host): on a worker thread, so the loop and other VMs go on and
     # many VMs can be built at once. Shielded: a VM built is a VM closed below.
-    build = functools.partial(VM, config, console_output=console_output, console_input=console_input,
+    if restore_from is not None:
+        vm = await VM.restore(restore_from, config, console_output=console_output, console_input=console_input,
                               kvm_path=kvm_path)  # fmt: skip
-    with anyio.CancelScope(shield=True):
-        vm = await anyio.to_thread.run_sync(build)
+    else:
+        build = functools.partial(VM, VmConfig() if config is None else config, console_output=console_output,
+                                  console_input=console_input, kvm_path=kvm_path)  # fmt: skip
+        with anyio.CancelScope(shield=True):
+            vm = await anyio.to_thread.run_sync(build)
     try:
         async with anyio.create_task_group() as task_group:
             await task_group.start(vm.run)

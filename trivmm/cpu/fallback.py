@@ -88,7 +88,8 @@ from trivmm.kvm.constants import GuestDebug
 from trivmm.kvm.vcpu import Vcpu
 from trivmm.memory import GuestMemoryError
 
-__all__ = ["EmulationFallback", "SyscallCompleter", "INSTRUCTION_HANDLERS", "idt_gate", "inject_fault",
+__all__ = ["EmulationFallback", "SyscallCompleter", "FallbackState", "SyscallCompleterState",
+           "INSTRUCTION_HANDLERS", "idt_gate", "inject_fault",
            "reflect_debug_exception", "syscall_proof_failure", "FaultFrame"]  # fmt: skip
 
 _GATE_INTERRUPT = 0xE
@@ -265,6 +266,22 @@ _OPCODES_LONGEST_FIRST = sorted(INSTRUCTION_HANDLERS, key=len, reverse=True)
 _REFUSED_KINDS = 32  # distinct refusal reasons SyscallCompleter.refused keeps apart
 
 
+_SAVED_COUNTS = 64  # distinct names a saved fallback's counters may hold
+
+
+def _check_counts(counts: dict[str, int], what: str, limit: int = _SAVED_COUNTS) -> None:
+    if len(counts) > limit or any(value < 0 for value in counts.values()):
+        raise ValueError(f"saved {what} counters: more than {limit} names, or negative counts")
+
+
+@attrs.frozen
+class FallbackState:
+    """What an ``EmulationFallback`` remembers: its counters (it keeps no guest state)."""
+
+    handled: dict[str, int]
+    faults: dict[str, int]
+
+
 @attrs.define
 class EmulationFallback:
     """Handles KVM_INTERNAL_ERROR_EMULATION exits for one vCPU."""
@@ -299,6 +316,14 @@ class EmulationFallback:
         except (NotEmulated, Undecodable, GuestMemoryError) as exc:
             raise UnhandledInstruction(vcpu.index, rip, code, f"the fallback could not: {exc}") from None
         self.handled[ins.name] = self.handled.get(ins.name, 0) + 1
+
+    def save(self) -> FallbackState:
+        return FallbackState(dict(self.handled), dict(self.faults))
+
+    def restore(self, state: FallbackState) -> None:
+        _check_counts(state.handled, "fallback")
+        _check_counts(state.faults, "fallback fault")
+        self.handled, self.faults = dict(state.handled), dict(state.faults)
 
 
 # --- SYSCALL completion and debug exits -----------------------------------------------------
@@ -391,6 +416,21 @@ def reflect_debug_exception(vcpu: Vcpu, dr6: int) -> None:
     vcpu.inject_exception(Vector.DB)
 
 
+@attrs.frozen
+class SyscallCompleterState:
+    """What a ``SyscallCompleter`` knows of its guest: where its breakpoint is armed (the
+    guest's #PF handler) and whether it is stepping past it; and its counters. KVM cannot
+    be asked for guest-debug state, so this is the only record of it."""
+
+    armed_at: int | None
+    stepping: bool
+    completed: int
+    passed_faults: int
+    refused: dict[str, int]
+    reflected: int
+    base_mismatches: int
+
+
 @attrs.define
 class SyscallCompleter:
     """Completes guest-user SYSCALLs the host left at CPL3 (see the module docstring)."""
@@ -464,6 +504,31 @@ class SyscallCompleter:
         self.stepping = True
         self.passed_faults += 1
         return True
+
+    def save(self) -> SyscallCompleterState:
+        return SyscallCompleterState(self.armed_at, self.stepping, self.completed, self.passed_faults,
+                                     dict(self.refused), self.reflected, self.base_mismatches)  # fmt: skip
+
+    def restore(self, state: SyscallCompleterState) -> None:
+        """Take ``state`` and set the vCPU's guest debugging as it was (after its debug
+        registers are restored): the breakpoint armed, or the step past it under way."""
+        if state.stepping and state.armed_at is None:
+            raise ValueError("a saved SYSCALL completer steps past a breakpoint it never armed")
+        if state.armed_at is not None and not 0 <= state.armed_at < 1 << 64:
+            raise ValueError(f"saved breakpoint address {state.armed_at:#x} is not a 64-bit address")
+        _check_counts(state.refused, "refused-syscall", _REFUSED_KINDS + 1)
+        if min(state.completed, state.passed_faults, state.reflected, state.base_mismatches) < 0:
+            raise ValueError("saved SYSCALL completer counters are negative")
+        self.completed, self.passed_faults = state.completed, state.passed_faults
+        self.refused, self.reflected, self.base_mismatches = dict(state.refused), state.reflected, state.base_mismatches
+        self.stepping = state.stepping
+        if state.stepping:
+            self.armed_at = state.armed_at
+            self.view.vcpu.set_guest_debug(GuestDebug.ENABLE | GuestDebug.SINGLESTEP)
+        elif state.armed_at is not None:
+            self._arm(state.armed_at)
+        else:
+            self.armed_at = None
 
     def _reflect(self, dr6: int) -> None:
         reflect_debug_exception(self.view.vcpu, dr6)

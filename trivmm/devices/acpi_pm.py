@@ -13,7 +13,9 @@ import struct
 import threading
 from collections.abc import Callable
 
-__all__ = ["AcpiPm", "ACPI_PM_PORT", "ACPI_PM_SIZE", "PM1_EVENT_OFFSET", "PM1_CONTROL_OFFSET",
+import attrs
+
+__all__ = ["AcpiPm", "AcpiPmState", "ACPI_PM_PORT", "ACPI_PM_SIZE", "PM1_EVENT_OFFSET", "PM1_CONTROL_OFFSET",
            "RESET_OFFSET", "RESET_VALUE", "S5_SLEEP_TYPE", "POWER_OFF_VALUE"]  # fmt: skip
 
 ACPI_PM_PORT = 0x600
@@ -28,6 +30,13 @@ _SLP_TYP_SHIFT = 10
 _SLP_TYP_MASK = 0x1C00
 _SLP_EN = 0x2000
 POWER_OFF_VALUE = (S5_SLEEP_TYPE << _SLP_TYP_SHIFT) | _SLP_EN
+
+
+@attrs.frozen
+class AcpiPmState:
+    """The 8 register bytes: PM1a status, enable, control, and the reset register."""
+
+    registers: bytes
 
 
 class AcpiPm:
@@ -69,3 +78,15 @@ class AcpiPm:
             self._power_off()
         elif reset:
             self._reset()
+
+    # --- saved state --------------------------------------------------------------------
+    def save(self) -> AcpiPmState:
+        with self._lock:
+            return AcpiPmState(bytes(self._regs))
+
+    def restore(self, state: AcpiPmState) -> None:
+        if len(state.registers) != ACPI_PM_SIZE:
+            raise ValueError(f"saved ACPI PM registers are {len(state.registers)} bytes, not {ACPI_PM_SIZE}")
+        with self._lock:
+            self._regs[:] = state.registers
+            self._regs[PM1_CONTROL_OFFSET] |= _SCI_EN  # always in ACPI mode, as a write leaves it

@@ -17,9 +17,11 @@ import logging
 import threading
 from collections.abc import Callable
 
+import attrs
+
 from trivmm.devices.fifo import ByteFifo, DropCounter
 
-__all__ = ["I8042", "I8042_DATA_PORT", "I8042_COMMAND_PORT", "KEYBOARD_IRQ", "OUTPUT_FIFO_SIZE"]
+__all__ = ["I8042", "I8042State", "I8042_DATA_PORT", "I8042_COMMAND_PORT", "KEYBOARD_IRQ", "OUTPUT_FIFO_SIZE"]
 
 I8042_DATA_PORT = 0x60
 I8042_COMMAND_PORT = 0x64  # the device spans 0x60..0x64; offsets 1..3 are unused
@@ -53,6 +55,20 @@ _CMD_RESET_CPU = 0xFE
 _KBD_ACK = 0xFA
 _KBD_RESET = 0xFF
 _KBD_GET_ID = 0xF2
+
+
+_COMMANDS_WITH_DATA = (0, 0x60, 0xD1)  # none pending, _CMD_WRITE_CTR, _CMD_WRITE_OUTPUT_PORT
+
+
+@attrs.frozen
+class I8042State:
+    """The controller's registers, the bytes waiting for the guest, and the IRQ 1 level."""
+
+    ctr: int
+    status: int
+    output: bytes
+    pending_command: int
+    line: bool
 
 
 class I8042:
@@ -151,3 +167,23 @@ class I8042:
 
     def _answer(self, *values: int) -> None:
         self._out.push(bytes(values), "the guest sent commands without reading their answers")
+
+    # --- saved state --------------------------------------------------------------------
+    def save(self) -> I8042State:
+        with self._lock:
+            return I8042State(self._ctr, self._status, self._out.peek_all(), self._pending_command, self._line)
+
+    def restore(self, state: I8042State) -> None:
+        """Take ``state`` (``ValueError`` if it could not come from this model; then nothing
+        changes). A raised line is raised again (KVM does not keep line levels)."""
+        if len(state.output) > OUTPUT_FIFO_SIZE:
+            raise ValueError(f"saved i8042 output holds {len(state.output)} bytes, more than {OUTPUT_FIFO_SIZE}")
+        if state.pending_command not in _COMMANDS_WITH_DATA:
+            raise ValueError(f"saved i8042 pending command {state.pending_command:#x} takes no data byte")
+        if not (0 <= state.ctr <= 0xFF and 0 <= state.status <= 0xFF):
+            raise ValueError("saved i8042 registers are not bytes")
+        with self._lock:
+            self._ctr, self._status, self._pending_command = state.ctr, state.status, state.pending_command
+            self._out.clear()
+            self._out.push(state.output)
+            self._set_line(state.line)

@@ -14,7 +14,9 @@ import logging
 import threading
 from collections.abc import Callable
 
-__all__ = ["PvPanic", "PVPANIC_PORT", "PVPANIC_HID", "PANICKED", "CRASH_LOADED"]
+import attrs
+
+__all__ = ["PvPanic", "PvPanicState", "PVPANIC_PORT", "PVPANIC_HID", "PANICKED", "CRASH_LOADED"]
 
 PVPANIC_PORT = 0x505
 PVPANIC_HID = "QEMU0001"
@@ -22,6 +24,13 @@ PANICKED = 1 << 0
 CRASH_LOADED = 1 << 1
 _SUPPORTED = PANICKED | CRASH_LOADED
 _log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class PvPanicState:
+    """How often the guest said a crash kernel was loaded (PANICKED ends the VM)."""
+
+    crash_loaded: int
 
 
 class PvPanic:
@@ -48,3 +57,14 @@ class PvPanic:
                 first = self.crash_loaded == 1
             if first:  # a guest may write this in a loop: say it once, count the rest
                 _log.warning("the guest panicked and is starting its crash (kdump) kernel")
+
+    # --- saved state --------------------------------------------------------------------
+    def save(self) -> PvPanicState:
+        with self._lock:
+            return PvPanicState(self.crash_loaded)
+
+    def restore(self, state: PvPanicState) -> None:
+        if state.crash_loaded < 0:
+            raise ValueError(f"saved pvpanic count {state.crash_loaded} is negative")
+        with self._lock:
+            self.crash_loaded = state.crash_loaded

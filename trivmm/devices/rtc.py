@@ -11,9 +11,12 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["CmosRtc", "RTC_PORT"]
+import attrs
+
+__all__ = ["CmosRtc", "RtcState", "RTC_PORT", "CMOS_SIZE"]
 
 RTC_PORT = 0x70
+CMOS_SIZE = 128
 
 _SECONDS, _MINUTES, _HOURS, _WEEKDAY, _DAY, _MONTH, _YEAR = 0x00, 0x02, 0x04, 0x06, 0x07, 0x08, 0x09
 _REG_A, _REG_B, _REG_C, _REG_D = 0x0A, 0x0B, 0x0C, 0x0D
@@ -21,6 +24,14 @@ _CENTURY = 0x32
 _REG_B_24H = 0x02
 _REG_D_VALID = 0x80
 _INDEX_MASK = 0x7F  # bit 7 of what is written to the index port masks NMIs; it is no index bit
+
+
+@attrs.frozen
+class RtcState:
+    """The selected CMOS index and the 128 CMOS bytes (the clock itself is the host's)."""
+
+    index: int
+    cmos: bytes
 
 
 def _bcd(value: int) -> int:
@@ -34,7 +45,7 @@ class CmosRtc:
         self._clock = clock
         self._lock = threading.Lock()
         self._index = 0
-        self._cmos = bytearray(128)
+        self._cmos = bytearray(CMOS_SIZE)
         self._cmos[_REG_A] = 0x26  # 32.768 kHz time base, 1024 Hz rate
         self._cmos[_REG_B] = _REG_B_24H
         self._cmos[_REG_D] = _REG_D_VALID
@@ -69,3 +80,17 @@ class CmosRtc:
         with self._lock:
             if index not in (_REG_C, _REG_D) and self._clock_byte(index) is None:
                 self._cmos[index] = data[0]
+
+    # --- saved state --------------------------------------------------------------------
+    def save(self) -> RtcState:
+        with self._lock:
+            return RtcState(self._index, bytes(self._cmos))
+
+    def restore(self, state: RtcState) -> None:
+        """Take ``state``; the clock goes on telling the host's time, as a PC's RTC does
+        across a suspend."""
+        if len(state.cmos) != CMOS_SIZE or not 0 <= state.index <= _INDEX_MASK:
+            raise ValueError(f"saved CMOS state is {len(state.cmos)} bytes at index {state.index}")
+        with self._lock:
+            self._index = state.index
+            self._cmos[:] = state.cmos

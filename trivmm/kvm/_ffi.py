@@ -125,5 +125,7 @@ IOCTLS: dict[str, int] = {
     "KVM_SET_XSAVE": _iow(0xA5, "kvm_xsave"),
     "KVM_GET_XCRS": _ior(0xA6, "kvm_xcrs"),
     "KVM_SET_XCRS": _iow(0xA7, "kvm_xcrs"),
+    "KVM_SET_TSC_KHZ": _io(0xA2),
+    "KVM_GET_TSC_KHZ": _io(0xA3),
     "KVM_KVMCLOCK_CTRL": _io(0xAD),
 }

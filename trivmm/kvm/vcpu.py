@@ -13,8 +13,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from trivmm.kvm._ffi import ffi
-from trivmm.kvm._ioctl import FdObject, KvmError
+from trivmm.kvm._ioctl import ULONG, FdObject, KvmError
 from trivmm.kvm.constants import Cap
+from trivmm.kvm.system import CpuidEntry
 
 if TYPE_CHECKING:
     from trivmm.kvm.vm import Vm
@@ -220,9 +221,50 @@ class Vcpu(FdObject):
         if count != len(items):
             raise KvmError("KVM_SET_MSRS", 22, f"MSR {items[count][0]:#x} was refused")
 
+    def get_listed_msrs(self, indices: Sequence[int]) -> dict[int, int]:
+        """Read the MSRs in ``indices``, leaving out those KVM_GET_MSRS refuses (a host may
+        list MSRs in KVM_GET_MSR_INDEX_LIST that it then refuses): a refused one is dropped
+        and the rest read again, so this costs one ioctl plus one per refusal."""
+        pending = list(indices)
+        values: dict[int, int] = {}
+        while pending:
+            msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(pending), "entries": len(pending)})
+            for i, index in enumerate(pending):
+                msrs.entries[i].index = index
+            count = self.ioctl("KVM_GET_MSRS", msrs)
+            values.update((msrs.entries[i].index, msrs.entries[i].data) for i in range(count))
+            pending = pending[count + 1 :]  # entry ``count`` is the one KVM refused
+        return values
+
     def set_cpuid(self, entries: Sequence[Any]) -> None:
         """KVM_SET_CPUID2 from ``CpuidEntry`` values."""
         self.ioctl("KVM_SET_CPUID2", ffi.from_buffer("struct kvm_cpuid2 *", _pack_cpuid(entries)))
+
+    def get_cpuid(self) -> list[CpuidEntry]:
+        """KVM_GET_CPUID2: the CPUID table this vCPU was given."""
+        nent = 128
+        while True:
+            buf = ffi.new("struct kvm_cpuid2 *", {"nent": nent, "entries": nent})
+            try:
+                self.ioctl("KVM_GET_CPUID2", buf)
+            except KvmError as exc:
+                if exc.errno == errno.E2BIG and nent < 4096:
+                    nent *= 2
+                    continue
+                raise
+            return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                    for e in buf.entries[0 : buf.nent]]  # fmt: skip
+
+    # --- TSC frequency --------------------------------------------------------------------
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ: the guest's TSC frequency (needs KVM_CAP_GET_TSC_KHZ)."""
+        self.vm.kvm.require(Cap.GET_TSC_KHZ)
+        return self.ioctl("KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        """KVM_SET_TSC_KHZ: scale the guest's TSC to ``khz`` (needs KVM_CAP_TSC_CONTROL)."""
+        self.vm.kvm.require(Cap.TSC_CONTROL)
+        self.ioctl("KVM_SET_TSC_KHZ", ULONG(khz))
 
     # --- debugging and address translation ---------------------------------------------
     def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:

@@ -34,10 +34,13 @@ from trivmm.devices.pci.root import (
     PciConfigIo,
     PciEcam,
     PciRoot,
+    PciRootState,
+    PciSlotState,
 )
 
 __all__ = [
-    "PciRoot", "PciFunction", "HostBridge", "PciConfigIo", "PciEcam", "Bar", "BarKind", "PciError",
+    "PciRoot", "PciRootState", "PciSlotState", "PciFunction", "HostBridge", "PciConfigIo", "PciEcam", "Bar",
+    "BarKind", "PciError",
     "MsixCapability", "GsiRouter", "MsiRouter", "RoutingBackend", "IntxLines", "GsiExhausted",
     "default_routes", "FIRST_MSI_GSI", "CONFIG_ADDRESS_PORT", "HOST_BRIDGE_VENDOR", "HOST_BRIDGE_DEVICE",
     "CONFIG_SIZE", "EXTENDED_CONFIG_SIZE", "CAP_ID_VENDOR", "MSIX_CAP_ID", "MSIX_ENABLE", "MSIX_FUNCTION_MASK",

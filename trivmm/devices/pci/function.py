@@ -432,6 +432,29 @@ class PciFunction:
         if self.msix is not None:
             self.msix.close()
 
+    # --- saved state (the root calls these, under its lock) -------------------------------------
+    def save_config(self) -> bytes:
+        """The configuration space's bytes (live bits such as Interrupt Status are not in it)."""
+        return bytes(self.config)
+
+    def check_config(self, config: bytes) -> None:
+        """``ValueError`` unless ``config`` could be this function's configuration space."""
+        if len(config) != len(self.config):
+            raise ValueError(f"{self!r}: saved configuration space is {len(config)} bytes, not {len(self.config)}")
+        for at, (saved, current) in enumerate(zip(config, self.config, strict=True)):
+            if (saved ^ current) & ~(self.wmask[at] | self.w1cmask[at]):
+                raise ValueError(f"{self!r}: saved configuration byte {at:#x} ({saved:#04x}) differs from "
+                                 f"this function's read-only bits ({current:#04x})")  # fmt: skip
+
+    def restore_config(self, config: bytes) -> None:
+        """Take saved configuration bytes, then act on them as on a guest's write (BARs onto
+        the bus, MSI-X control, INTx). ``ValueError`` -- and nothing changed -- when they
+        cannot be this function's: another size, or read-only bits that differ."""
+        self.check_config(config)
+        self.config[:] = config
+        self._config_written(0, len(self.config))
+        self.refresh_intx()
+
     # --- bytes ----------------------------------------------------------------------------------
     def _get(self, offset: int, size: int) -> int:
         return int.from_bytes(self.config[offset : offset + size], "little")

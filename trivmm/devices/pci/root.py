@@ -26,6 +26,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+import attrs
+
 from trivmm.boot.layout import PciLayout
 from trivmm.bus import AddressSpace, BusError
 from trivmm.devices.pci.function import (
@@ -40,8 +42,8 @@ from trivmm.devices.pci.function import (
 )
 from trivmm.devices.pci.irq import IntxLines
 
-__all__ = ["PciRoot", "HostBridge", "PciConfigIo", "PciEcam", "CONFIG_ADDRESS_PORT", "CONFIG_PORTS",
-           "HOST_BRIDGE_VENDOR", "HOST_BRIDGE_DEVICE", "MAX_SLOTS"]  # fmt: skip
+__all__ = ["PciRoot", "PciRootState", "PciSlotState", "HostBridge", "PciConfigIo", "PciEcam",
+           "CONFIG_ADDRESS_PORT", "CONFIG_PORTS", "HOST_BRIDGE_VENDOR", "HOST_BRIDGE_DEVICE", "MAX_SLOTS"]  # fmt: skip
 
 CONFIG_ADDRESS_PORT = 0xCF8
 CONFIG_PORTS = 8  # 0xCF8 address, 0xCFC..0xCFF data
@@ -123,6 +125,22 @@ class PciEcam:
             return
         self._root.config_write(offset >> 20, (offset >> 15) & 0x1F, (offset >> 12) & 0x7, offset & 0xFFF, size,
                                 int.from_bytes(data, "little"))  # fmt: skip
+
+
+@attrs.frozen
+class PciSlotState:
+    """One plugged-in function's configuration space."""
+
+    slot: int
+    config: bytes
+
+
+@attrs.frozen
+class PciRootState:
+    """The configuration-address latch (0xCF8) and every function's configuration space."""
+
+    address: int
+    slots: tuple[PciSlotState, ...]
 
 
 class PciRoot:
@@ -297,6 +315,30 @@ class PciRoot:
         self.refused += 1
         if self.refused & (self.refused - 1) == 0:  # 1st, 2nd, 4th, ... : a hostile guest cannot flood the log
             _log.warning(message + " (%d such so far)", *args, self.refused)
+
+    # --- saved state ----------------------------------------------------------------------------
+    def save(self) -> PciRootState:
+        """The bus's configuration state. (What a function keeps beyond its configuration
+        space -- a virtio transport's registers, MSI-X tables -- is the function's to save.)"""
+        with self._lock:
+            functions = sorted(self._functions.items())
+            slots = tuple(PciSlotState(slot, function.save_config()) for slot, function in functions)
+            return PciRootState(self.config_io.address, slots)
+
+    def restore(self, state: PciRootState) -> None:
+        """Take ``state``: the same slots must be plugged in here (``ValueError`` otherwise,
+        before anything changes). BARs move onto the bus as the saved registers say."""
+        with self._lock:
+            saved = {slot.slot: slot.config for slot in state.slots}
+            if len(saved) != len(state.slots) or set(saved) != set(self._functions):
+                raise ValueError(f"saved PCI slots {sorted(saved)} are not this bus's {sorted(self._functions)}")
+            if not 0 <= state.address <= 0xFFFF_FFFF or state.address & 0x3:
+                raise ValueError(f"saved PCI configuration address {state.address:#x} is not a register address")
+            for slot, config in saved.items():
+                self._functions[slot].check_config(config)
+            for slot, config in sorted(saved.items()):
+                self._functions[slot].restore_config(config)
+            self.config_io.address = state.address
 
     # --- teardown -------------------------------------------------------------------------------
     def close(self) -> None:

@@ -1,0 +1,496 @@
+"""Snapshot a running VM to a file or stream; build a VM from one and run it on.
+
+``snapshot_vm`` pauses the vCPUs (``VM.pause``), quiesces the devices whose backends work
+beside them (``Quiescent``: virtio), captures every piece of state while they are parked,
+writes the stream -- CONFIG, the STATE sections, guest memory as runs of pages,
+END -- and resumes the guest if it was running (unless asked not to). A file is written
+under a temporary name beside the target and renamed into place once complete and
+fsynced, so a failed snapshot (a full disk) leaves no partial file behind.
+
+``restore_vm`` reads the CONFIG section, checks the destination's configuration against it
+(or takes it from the snapshot), builds the VM with ``incoming=True`` (memory, devices and
+vCPUs, no kernel loaded), then reads the rest: each memory run is checked against the slots
+and written into guest memory as it arrives; every other section is checked and kept
+until the END section has been read, and only then applied. Any failure closes the VM
+being built -- its fds, threads and memory are released -- and raises ``MigrationError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import mmap
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import attrs
+
+from trivmm.boot.layout import ram_ranges
+from trivmm.config import DiskConfig, NetConfig, VmConfig, VsockConfig
+from trivmm.cpu.quirks import QuirkHooks
+from trivmm.cpu.templates import get_template
+from trivmm.errors import ConfigError, MigrationError
+from trivmm.memory import GuestMemory, MemoryRegion
+from trivmm.migration.codec import decode_state, encode_state
+from trivmm.migration.devices import DEVICE_PREFIX, DeviceSet, Quiescent, vm_devices
+from trivmm.migration.state import (
+    PLATFORM_SECTIONS,
+    VcpuState,
+    apply_platform,
+    apply_quirks,
+    apply_vcpu,
+    capture_platform,
+    capture_quirks,
+    capture_vcpu,
+    check_platform,
+    decode_vcpu,
+    encode_vcpu,
+)
+from trivmm.migration.stream import (
+    PAGE_SIZE,
+    ByteSink,
+    ByteSource,
+    FileSink,
+    FileSource,
+    MemoryRun,
+    SectionKind,
+    StreamReader,
+    StreamWriter,
+    decode_run,
+    page_runs,
+)
+
+if TYPE_CHECKING:
+    from trivmm.console import ConsoleInput, ConsoleOutput
+    from trivmm.vm import VM
+
+__all__ = ["snapshot_vm", "restore_vm", "SnapshotInfo", "SavedConfig", "SnapshotTarget", "SnapshotSource"]
+
+SnapshotTarget = str | os.PathLike[str] | ByteSink
+SnapshotSource = str | os.PathLike[str] | ByteSource
+MAX_SECTIONS = 4096  # state sections a stream may announce
+_SCAN_WINDOW_PAGES = 4096  # pages scanned for zero runs per worker-thread call (16 MiB)
+
+
+@attrs.frozen
+class SnapshotInfo:
+    """What a snapshot wrote: bytes, pages (and how many were zero, costing nothing), and
+    how long the guest was paused for it."""
+
+    size: int
+    pages: int
+    zero_pages: int
+    paused_seconds: float
+
+
+# --- the CONFIG section ----------------------------------------------------------------------------
+
+
+@attrs.frozen
+class SavedDisk:
+    path: str
+    format: str | None
+    readonly: bool
+    serial: str | None
+
+
+@attrs.frozen
+class SavedNet:
+    tap: str | None
+    mac: str | None
+
+
+@attrs.frozen
+class SavedVsock:
+    cid: int
+    uds: str
+
+
+@attrs.frozen
+class SavedConfig:
+    """The source VM's configuration as the snapshot carries it: its ``VmConfig`` (with the
+    CPU template resolved), its memory slots (guest base, size) and the names of the state
+    sections that follow."""
+
+    kernel: str | None
+    initrd: str | None
+    append: str
+    memory: int
+    vcpus: int
+    cpu_template: str
+    boot_protocol: str
+    cmdline_base: str
+    transport: str
+    rng: bool
+    disks: tuple[SavedDisk, ...]
+    net: tuple[SavedNet, ...]
+    vsock: SavedVsock | None
+    memory_slots: tuple[tuple[int, int], ...]
+    sections: tuple[str, ...]
+
+    @classmethod
+    def of(cls, vm: VM, sections: list[str]) -> SavedConfig:
+        c = vm.config
+        assert vm.memory is not None
+        return cls(
+            kernel=None if c.kernel is None else str(c.kernel), initrd=None if c.initrd is None else str(c.initrd),
+            append=c.append, memory=c.memory, vcpus=c.vcpus, cpu_template=vm.template.name,
+            boot_protocol=c.boot_protocol, cmdline_base=c.cmdline_base, transport=c.transport, rng=c.rng,
+            disks=tuple(SavedDisk(str(d.path), d.format, d.readonly, d.serial) for d in c.disks),
+            net=tuple(SavedNet(n.tap, n.mac) for n in c.net),
+            vsock=None if c.vsock is None else SavedVsock(c.vsock.cid, str(c.vsock.uds)),
+            memory_slots=tuple((r.guest_base, r.size) for r in vm.memory), sections=tuple(sections),
+        )  # fmt: skip
+
+    def vm_config(self) -> VmConfig:
+        """The ``VmConfig`` to build the destination from when none is given."""
+        try:
+            return VmConfig(
+                kernel=self.kernel, initrd=self.initrd, append=self.append, memory=self.memory, vcpus=self.vcpus,
+                cpu_template=self.cpu_template, boot_protocol=self.boot_protocol, cmdline_base=self.cmdline_base,
+                transport=self.transport, rng=self.rng,
+                disks=tuple(DiskConfig(d.path, d.format, d.readonly, d.serial) for d in self.disks),
+                net=tuple(NetConfig(n.tap, n.mac) for n in self.net),
+                vsock=None if self.vsock is None else VsockConfig(self.vsock.cid, self.vsock.uds),
+            )  # fmt: skip
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise MigrationError(f"the snapshot's configuration is not valid: {exc}") from None
+
+    def check(self, config: VmConfig) -> None:
+        """``MigrationError`` listing every way ``config`` differs from the source's shape."""
+        try:
+            template = get_template(config.cpu_template).name
+        except ValueError as exc:
+            raise MigrationError(str(exc)) from None
+        mine = {"memory": _size(config.memory), "vcpus": config.vcpus, "CPU template": template,
+                "virtio-rng": config.rng, "disks": len(config.disks), "NICs": len(config.net),
+                "vsock": config.vsock is not None}  # fmt: skip
+        theirs = {"memory": _size(self.memory), "vcpus": self.vcpus, "CPU template": self.cpu_template,
+                  "virtio-rng": self.rng, "disks": len(self.disks), "NICs": len(self.net),
+                  "vsock": self.vsock is not None}  # fmt: skip
+        if config.rng or config.disks or config.net or config.vsock:
+            mine["virtio transport"], theirs["virtio transport"] = config.transport, self.transport
+        wrong = [f"{key} {mine[key]} here, {theirs[key]} in the snapshot" for key in mine if mine[key] != theirs[key]]
+        if wrong:
+            raise MigrationError(f"the snapshot does not fit this VM: {'; '.join(wrong)}")
+        if tuple(ram_ranges(config.memory)) != self.memory_slots:
+            raise MigrationError("the snapshot's memory slots are not this VM's "
+                                 f"({list(self.memory_slots)} against {ram_ranges(config.memory)})")  # fmt: skip
+
+
+def _size(size: int) -> str:
+    return f"{size >> 20} MiB" if size % (1 << 20) == 0 else f"{size} bytes"
+
+
+def _decode_config(payload: bytes) -> SavedConfig:
+    saved = decode_state(SavedConfig, payload, "config")
+    if len(saved.sections) > MAX_SECTIONS or len(set(saved.sections)) != len(saved.sections):
+        raise MigrationError(f"config: more than {MAX_SECTIONS} state sections, or one named twice")
+    return saved
+
+
+def _state_sections(vm: VM, devices: DeviceSet) -> list[str]:
+    """The names of ``vm``'s state sections, in the order they are written and applied."""
+    names = []
+    for index, runner in enumerate(vm.runners):
+        names.append(f"vcpu/{index}")
+        if isinstance(runner.hooks, QuirkHooks):
+            names.append(f"quirks/{index}")
+    return names + list(PLATFORM_SECTIONS) + devices.section_names()
+
+
+def _refuse_unsaveable(devices: DeviceSet) -> None:
+    if devices.refused:
+        reasons = "; ".join(f"{name}: {why}" for name, why in devices.refused.items())
+        raise MigrationError(f"this VM's state cannot be saved: {reasons}")
+
+
+# --- snapshot ----------------------------------------------------------------------------------------
+
+
+async def snapshot_vm(vm: VM, target: SnapshotTarget, *, resume: bool = True) -> SnapshotInfo:
+    """Write ``vm``'s complete state to ``target`` (a path, or a ``ByteSink`` such as an
+    anyio byte stream). The vCPUs are paused for it; a guest that was running runs on after
+    (``resume=False`` leaves it paused). Refused, before anything is paused, for a VM with a
+    device that cannot be saved yet."""
+    if vm.vm is None or vm.memory is None:
+        raise MigrationError("the VM is closed")
+    devices = vm_devices(vm)
+    _refuse_unsaveable(devices)
+    names = _state_sections(vm, devices)
+    was_paused = vm.paused
+    if not was_paused:
+        await vm.pause()
+    paused_at = time.monotonic()
+    paused_for: float | None = None
+    quiesced: list[Quiescent] = []
+
+    async def release_guest() -> None:  # once: as soon as the stream is written, or on failure
+        nonlocal paused_for
+        if paused_for is None:
+            paused_for = time.monotonic() - paused_at
+            for provider in reversed(quiesced):
+                provider.resume_after_snapshot()
+            if resume and not was_paused:
+                with anyio.CancelScope(shield=True):
+                    await vm.resume()
+
+    try:
+        for provider in devices.providers.values():
+            if isinstance(provider, Quiescent):
+                quiesced.append(provider)  # resumed even if its quiesce fails half-way
+                await provider.quiesce()
+        states = await anyio.to_thread.run_sync(_capture, vm, devices)
+        assert [name for name, _ in states] == names
+        async with _sink_for(target) as sink:
+            writer = StreamWriter(sink)
+            await writer.header()
+            await writer.section(SectionKind.CONFIG, "config", encode_state(SavedConfig.of(vm, names)))
+            for name, payload in states:
+                await writer.section(SectionKind.STATE, name, payload)
+            pages, zero_pages = await _send_memory(writer, vm.memory)
+            await writer.end()
+            if isinstance(sink, FileSink):
+                await sink.flush()  # all of it in the file; the fsync and rename need no paused guest
+            await release_guest()
+        assert paused_for is not None
+        return SnapshotInfo(writer.bytes_written, pages, zero_pages, paused_for)
+    except ValueError as exc:  # a section the stream cannot carry (encode_section)
+        raise MigrationError(f"the VM's state does not fit the stream: {exc}") from None
+    finally:
+        await release_guest()
+
+
+def _capture(vm: VM, devices: DeviceSet) -> list[tuple[str, bytes]]:
+    """Every state section of a VM whose vCPUs are parked (on a worker thread: ioctls)."""
+    assert vm.vm is not None
+    states: list[tuple[str, bytes]] = []
+    for index, (vcpu, runner) in enumerate(zip(vm.vcpus, vm.runners, strict=True)):
+        states.append((f"vcpu/{index}", encode_vcpu(capture_vcpu(vcpu))))
+        quirks = capture_quirks(runner.hooks)
+        if quirks is not None:
+            states.append((f"quirks/{index}", quirks))
+    states += capture_platform(vm.vm).items()
+    states += [(DEVICE_PREFIX + name, provider.save_state()) for name, provider in devices.providers.items()]
+    return states
+
+
+async def _send_memory(writer: StreamWriter, memory: GuestMemory) -> tuple[int, int]:
+    """Every page of every slot as runs (zero runs merged); returns (pages, zero pages)."""
+    pages = zero_pages = 0
+    for slot, region in enumerate(memory):
+        pending: MemoryRun | None = None  # a zero run that the next window may extend
+        for first in range(0, region.pages, _SCAN_WINDOW_PAGES):
+            count = min(_SCAN_WINDOW_PAGES, region.pages - first)
+            runs = await anyio.to_thread.run_sync(_scan, region, slot, first, count)
+            for run in runs:
+                pages += run.pages
+                if run.data is None:
+                    zero_pages += run.pages
+                    if pending is not None:
+                        run = MemoryRun(slot, pending.first_page, pending.pages + run.pages)
+                    pending = run
+                    continue
+                if pending is not None:
+                    await writer.run(pending)
+                    pending = None
+                await writer.run(run)
+        if pending is not None:
+            await writer.run(pending)
+    return pages, zero_pages
+
+
+def _scan(region: MemoryRegion, slot: int, first: int, count: int) -> list[MemoryRun]:
+    return list(page_runs(region.mapping, slot, first, count))
+
+
+@contextlib.asynccontextmanager
+async def _sink_for(target: SnapshotTarget) -> AsyncIterator[ByteSink]:
+    """``target`` as a sink; a path is written to a temporary file renamed into place once
+    the body has finished (and removed if it fails)."""
+    if not isinstance(target, str | os.PathLike):
+        yield target
+        return
+    path = Path(target)
+    try:
+        make = functools.partial(tempfile.mkstemp, prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        fd, partial = await anyio.to_thread.run_sync(make)
+        file = os.fdopen(fd, "wb")
+    except OSError as exc:
+        raise MigrationError(f"cannot write the snapshot {path}: {exc.strerror or exc}") from None
+    try:
+        sink = FileSink(file)
+        yield sink
+        await sink.flush(sync=True)
+        await anyio.to_thread.run_sync(file.close)
+        await anyio.to_thread.run_sync(os.replace, partial, path)
+    except OSError as exc:
+        _discard(file, partial)
+        raise MigrationError(f"writing the snapshot {path} failed: {exc.strerror or exc}") from None
+    except BaseException:
+        _discard(file, partial)
+        raise
+
+
+def _discard(file: object, partial: str) -> None:
+    with contextlib.suppress(OSError):
+        file.close()  # type: ignore[attr-defined]
+    with contextlib.suppress(OSError):
+        os.unlink(partial)
+
+
+# --- restore ---------------------------------------------------------------------------------------
+
+
+async def restore_vm(source: SnapshotSource, config: VmConfig | None = None, *, console_output: ConsoleOutput = None,
+                     console_input: ConsoleInput = None, kvm_path: str = "/dev/kvm") -> VM:  # fmt: skip
+    """A VM built from the snapshot or stream ``source``, its state applied, ready to
+    ``run()`` on from where the source stopped. ``config`` (None: the snapshot's own) must
+    have the source's shape -- memory, vCPUs, CPU template, devices -- or this raises
+    ``MigrationError``, as it does for any problem with the stream; the VM built so far is
+    then closed."""
+    from trivmm.vm import VM
+
+    async with _source_for(source) as (stream, is_file):
+        reader = StreamReader(stream)
+        first = await reader.section()
+        if first.kind is not SectionKind.CONFIG:
+            raise MigrationError(f"the stream starts with a {first.kind.name} section, not its configuration")
+        saved = _decode_config(first.payload)
+        if config is None:
+            config = saved.vm_config()
+        saved.check(config)
+        build = functools.partial(VM, config, console_output=console_output, console_input=console_input,
+                                  kvm_path=kvm_path, incoming=True)  # fmt: skip
+        with anyio.CancelScope(shield=True):  # a VM built is a VM closed below
+            vm = await anyio.to_thread.run_sync(build)
+        try:
+            await _receive(vm, saved, reader)
+            if is_file:
+                await reader.expect_end_of_input()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(vm.close)
+            raise
+    return vm
+
+
+@contextlib.asynccontextmanager
+async def _source_for(source: SnapshotSource) -> AsyncIterator[tuple[ByteSource, bool]]:
+    if not isinstance(source, str | os.PathLike):
+        yield source, False
+        return
+    try:
+        file = await anyio.to_thread.run_sync(open, source, "rb")
+    except OSError as exc:
+        raise MigrationError(f"cannot read the snapshot {source}: {exc.strerror or exc}") from None
+    try:
+        yield FileSource(file), True
+    finally:
+        file.close()
+
+
+async def _receive(vm: VM, saved: SavedConfig, reader: StreamReader) -> None:
+    """Read the sections after CONFIG into ``vm`` (built with ``incoming=True``)."""
+    assert vm.memory is not None
+    devices = vm_devices(vm)
+    _refuse_unsaveable(devices)
+    expected = _state_sections(vm, devices)
+    if set(expected) != set(saved.sections):
+        missing, extra = sorted(set(expected) - set(saved.sections)), sorted(set(saved.sections) - set(expected))
+        raise MigrationError(f"the snapshot's state does not fit this VM: this VM also has {missing or 'nothing'}, "
+                             f"the snapshot also has {extra or 'nothing'}")  # fmt: skip
+    memory = _MemoryReceiver(vm.memory)
+    states: dict[str, bytes] = {}
+    vcpus: dict[str, VcpuState] = {}
+    while True:
+        section = await reader.section()
+        if section.kind is SectionKind.END:
+            break
+        if section.kind is SectionKind.MEMORY:
+            run = decode_run(section.payload)
+            memory.check(run)
+            await memory.write(run)
+        elif section.kind is SectionKind.STATE:
+            name = section.name
+            if name not in saved.sections:
+                raise MigrationError(f"section {section.sequence}: unknown state section {name!r}")
+            if name in states:
+                raise MigrationError(f"section {section.sequence}: state section {name!r} appears twice")
+            if name.startswith("vcpu/"):
+                vcpus[name] = decode_vcpu(section.payload, name)
+            elif name in PLATFORM_SECTIONS:
+                check_platform(name, section.payload)
+            states[name] = section.payload
+        else:
+            raise MigrationError(f"section {section.sequence}: a second {section.kind.name} section")
+    memory.check_complete()
+    missing = [name for name in expected if name not in states]
+    if missing:
+        raise MigrationError(f"the stream ended without state section(s) {', '.join(missing)}")
+    await anyio.to_thread.run_sync(_apply, vm, devices, states, vcpus)
+    vm.incoming = False
+
+
+def _apply(vm: VM, devices: DeviceSet, states: dict[str, bytes], vcpus: dict[str, VcpuState]) -> None:
+    """Apply checked state to a VM whose vCPUs never ran: vCPUs, their host-quirk hooks,
+    the in-kernel platform, then the devices (which may raise interrupt lines again)."""
+    assert vm.vm is not None
+    for index, vcpu in enumerate(vm.vcpus):
+        apply_vcpu(vcpu, vcpus[f"vcpu/{index}"])
+    for index, runner in enumerate(vm.runners):
+        name = f"quirks/{index}"
+        if name in states:
+            apply_quirks(runner.hooks, states[name], name)
+    apply_platform(vm.vm, {name: states[name] for name in PLATFORM_SECTIONS}, vm.vcpus)
+    for name, provider in devices.providers.items():
+        section = DEVICE_PREFIX + name
+        try:
+            provider.restore_state(states[section])
+        except ValueError as exc:
+            raise MigrationError(f"{section}: {exc}") from None
+
+
+class _MemoryReceiver:
+    """Checks each run against the VM's slots -- in order, no gaps, no overlaps, inside
+    the slot -- and writes it into guest memory."""
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self._regions = list(memory)
+        self._next = [0] * len(self._regions)
+
+    def check(self, run: MemoryRun) -> None:
+        if run.slot >= len(self._regions):
+            raise MigrationError(f"memory run for slot {run.slot}; this VM has {len(self._regions)} slots")
+        region, expected = self._regions[run.slot], self._next[run.slot]
+        if run.first_page != expected:
+            raise MigrationError(f"memory run at page {run.first_page} of slot {run.slot}, where page {expected} "
+                                 "was due (pages missing, repeated or out of order)")  # fmt: skip
+        if run.first_page + run.pages > region.pages:
+            raise MigrationError(f"memory run of {run.pages} pages at page {run.first_page} runs past slot "
+                                 f"{run.slot}'s {region.pages} pages")  # fmt: skip
+
+    async def write(self, run: MemoryRun) -> None:
+        region = self._regions[run.slot]
+        start, length = run.first_page * PAGE_SIZE, run.pages * PAGE_SIZE
+        if run.data is None:  # zero pages: dropped from the mapping (reads as zero, costs no memory)
+            region.mapping.madvise(mmap.MADV_DONTNEED, start, length)
+        else:
+            await anyio.to_thread.run_sync(_copy_into, region.mapping, start, run.data)
+        self._next[run.slot] += run.pages
+
+    def check_complete(self) -> None:
+        short = [f"slot {slot}: {done} of {region.pages} pages"
+                 for slot, (region, done) in enumerate(zip(self._regions, self._next, strict=True))
+                 if done != region.pages]  # fmt: skip
+        if short:
+            raise MigrationError(f"the stream ended before all guest memory was sent ({'; '.join(short)})")
+
+
+def _copy_into(mapping: mmap.mmap, start: int, data: bytes) -> None:
+    mapping[start : start + len(data)] = data
