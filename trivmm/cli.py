@@ -20,12 +20,16 @@ import stat
 import sys
 import termios
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
 
 from trivmm.eventfd import close_watched_fd
+
+if TYPE_CHECKING:
+    from trivmm.vm import VM, VmExit
 
 __all__ = ["main"]
 
@@ -83,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--transport", metavar="NAME", default="pci", choices=["pci", "mmio"],
                      help="how virtio devices are attached: pci (virtio-pci with MSI-X, found by any guest) "
                           "or mmio (virtio-mmio, announced in the ACPI DSDT) (default pci)")  # fmt: skip
+    run.add_argument("--api-sock", metavar="PATH",
+                     help="a QMP control socket (QEMU's machine protocol; unix socket, mode 0600) at PATH: "
+                          "query-status, stop, cont, quit, ... (docs/qmp.md); a stale socket there is "
+                          "replaced")  # fmt: skip
 
     guest = sub.add_parser("guest", help="build test guests from Debian packages")
     guest_sub = guest.add_subparsers(dest="guest_command", required=True, metavar="ACTION")
@@ -146,7 +154,10 @@ def _run(args: argparse.Namespace) -> int:
         stdin = _stdin_stream()
         try:
             with VM(config, console_output=_write_stdout, console_input=stdin) as vm:
-                result = await vm.run()
+                if args.api_sock is None:
+                    result = await vm.run()
+                else:
+                    result = await _run_with_api_socket(vm, args.api_sock)
         finally:
             if stdin is not None:
                 stdin.close()
@@ -160,6 +171,40 @@ def _run(args: argparse.Namespace) -> int:
 
     with _guest_terminal(0):
         return anyio.run(main, backend="trio")
+
+
+async def _run_with_api_socket(vm: VM, path: str) -> VmExit:
+    """``vm.run()`` with a QMP server beside it (``--api-sock``): the socket is bound first
+    (a bad path is bad input), and the server sends SHUTDOWN to its clients after the VM ends."""
+    from trivmm.qmp import QmpServer
+
+    with QmpServer(vm, path) as server:
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(server.serve)
+                result = await vm.run()  # serve() then ends on its own, within FLUSH_TIMEOUT
+        except BaseExceptionGroup as group:
+            raise _one_error(group) from None
+    return result
+
+
+def _one_error(group: BaseExceptionGroup) -> BaseException:
+    """The error that matters out of a task group's: Ctrl-C first, then any other than a
+    cancellation."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            pending.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    cancelled = anyio.get_cancelled_exc_class()
+    for wanted in (KeyboardInterrupt, Exception, cancelled):
+        for exc in leaves:
+            if isinstance(exc, wanted):
+                return exc
+    return group
 
 
 class _FdReceiveStream(anyio.abc.ByteReceiveStream):
