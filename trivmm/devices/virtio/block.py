@@ -93,6 +93,15 @@ lock once the batch is parsed: the generation only grows, and only under the loc
 device still owned, and nothing is written to the image from buffers a reset handed back to
 the driver. This is the guarantee of copying under the lock, without holding the lock (and
 a vCPU on the transport's registers) through a 15 MiB copy.
+
+Snapshots. A batch, once dispatched, runs to its completion in a shielded scope: when a
+quiesce (``VirtioDevice.quiesce``) cancels the backend, the loop that takes chains stops at
+its await, and every batch in flight finishes its IO and completes normally -- statuses
+written, chains used, the interrupt raised -- before the backend has stopped. Chains taken
+and not yet in a batch (``active.held[0]``) are given back to the ring. (A reset still
+drops a batch: ``_execute`` and ``_complete`` see the stale activation.) The device's
+section is its configuration space: a destination whose disk has another capacity, or is
+read-only where the source's was not, refuses it.
 """
 
 from __future__ import annotations
@@ -105,7 +114,7 @@ from collections.abc import Sequence
 
 import anyio
 
-from trivmm.devices.virtio.device import Activation, DeviceType, VirtioDevice
+from trivmm.devices.virtio.device import Activation, DeviceState, DeviceType, VirtioDevice
 from trivmm.devices.virtio.queue import DescriptorChain, VirtqueueError
 from trivmm.errors import ConfigError
 from trivmm.images import DiskImage, ImageError
@@ -260,6 +269,13 @@ class BlockDevice(VirtioDevice):
     def errors(self) -> int:
         return self.ioerr + self.unsupp
 
+    def restore(self, state: DeviceState) -> None:
+        if state.device_type == self.device_type and len(state.config) == CONFIG.size == len(self.config):
+            (capacity,) = struct.unpack_from("<Q", state.config)
+            if capacity != self.capacity:
+                raise ValueError(f"{self.name}: the disk has {self.capacity} sectors here, {capacity} in the snapshot")
+        super().restore(state)
+
     def close(self) -> None:
         """Close the image, its last flush included. A failure is logged, not raised: the
         VM closes its other devices and its memory after this one."""
@@ -273,7 +289,7 @@ class BlockDevice(VirtioDevice):
         """Take every available chain; parse, run and complete them in batches (see the
         module docstring), up to ``BATCHES_IN_FLIGHT`` at once."""
         slots = anyio.Semaphore(BATCHES_IN_FLIGHT)
-        pending: deque[DescriptorChain] = deque()
+        pending = active.held[0]  # taken, not yet in a batch: a quiesce gives them back
         async with anyio.create_task_group() as task_group:
             while True:
                 if not pending:
@@ -301,11 +317,14 @@ class BlockDevice(VirtioDevice):
                     await anyio.sleep_forever()  # batches in flight finish; the transport cancels us
 
     async def _run_batch(self, active: Activation, batch: list[_Request], slots: anyio.Semaphore) -> None:
-        try:
-            await anyio.to_thread.run_sync(self._execute, active, batch, limiter=self._limiter)
-            self._complete(active, batch)
-        finally:
-            slots.release()
+        # Shielded: cancelling the backend (a quiesce, the VM stopping) lets the batch complete;
+        # after a reset its IO stops early and the completion is dropped.
+        with anyio.CancelScope(shield=True):
+            try:
+                await anyio.to_thread.run_sync(self._execute, active, batch, limiter=self._limiter)
+                self._complete(active, batch)
+            finally:
+                slots.release()
 
     def _parse_batch(self, pending: deque[DescriptorChain]) -> tuple[list[_Request], str | None]:
         """Parse chains off ``pending`` into a batch of at most ``BATCH_REQUESTS`` requests and

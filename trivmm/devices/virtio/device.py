@@ -20,26 +20,42 @@ request may be half-way through a disk read on a worker thread at that moment. S
 
 A guest that breaks a queue's rules (``VirtqueueError``) gets DEVICE_NEEDS_RESET and a
 configuration-change interrupt, with the reason logged; the VM runs on.
+
+Snapshots: in-flight work again. With the vCPUs paused, a backend may still hold chains
+(a blk batch on a worker thread, rx buffers taken and not yet filled). ``quiesce()``
+(``VirtioCore.quiesce``) stops the backend at its awaits -- by default by cancelling it,
+without a reset: the activation stays current -- after letting work under way finish
+(blk's batches complete: statuses written, chains used), then gives back what it took and
+did not use: each queue is rewound (``SplitQueue.unpop``) by the chains its workers keep in
+``active.held[index]``. A backend keeps there, at each of its awaits, every chain it took
+and has not used, in the order they were popped (they are the last ones popped). Then no
+chain is held by the VMM and ``save_state`` is a pure read; ``resume_after_snapshot()``
+starts the backend again with the same activation, and it takes the rewound chains anew.
+The device-level section (``save_state``) holds what the device shows the driver beyond
+the transport: its type and configuration space (checked, or taken, on restore).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import anyio
 import anyio.lowlevel
+import attrs
 
 from trivmm.devices.virtio.queue import DescriptorChain, SplitQueue, VirtqueueError
 
 if TYPE_CHECKING:
+    from trivmm.devices.virtio.transport import VirtioCore
     from trivmm.eventfd import EventFd
 
-__all__ = ["VirtioDevice", "Activation", "DeviceType", "VIRTIO_F_VERSION_1", "STATUS_ACKNOWLEDGE",
+__all__ = ["VirtioDevice", "Activation", "DeviceType", "DeviceState", "VIRTIO_F_VERSION_1", "STATUS_ACKNOWLEDGE",
            "STATUS_DRIVER", "STATUS_DRIVER_OK", "STATUS_FEATURES_OK", "STATUS_DEVICE_NEEDS_RESET",
-           "STATUS_FAILED"]  # fmt: skip
+           "STATUS_FAILED", "pack_state", "unpack_state"]  # fmt: skip
 
 _log = logging.getLogger(__name__)
 
@@ -50,6 +66,38 @@ STATUS_DRIVER_OK = 4
 STATUS_FEATURES_OK = 8
 STATUS_DEVICE_NEEDS_RESET = 64
 STATUS_FAILED = 128
+
+
+S = TypeVar("S")
+
+
+def pack_state(state: Any) -> bytes:
+    """A frozen attrs state object as a state section's bytes (``trivmm.migration.codec``)."""
+    from trivmm.migration.codec import encode_state
+
+    return encode_state(state)
+
+
+def unpack_state(cls: type[S], data: bytes, what: str) -> S:
+    """``cls`` from a state section's untrusted bytes, every field's type checked; anything
+    else is a ``ValueError`` naming ``what`` (never another exception)."""
+    from trivmm.errors import MigrationError
+    from trivmm.migration.codec import decode_state
+
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ValueError(f"{what}: a state section is bytes, not {type(data).__name__}")
+    try:
+        return decode_state(cls, bytes(data), what)
+    except MigrationError as exc:
+        raise ValueError(str(exc)) from None
+
+
+@attrs.frozen
+class DeviceState:
+    """What a device shows its driver beyond the transport: its type and configuration space."""
+
+    device_type: int
+    config: bytes
 
 
 class DeviceType:
@@ -71,6 +119,9 @@ class Activation:
         self.device = device
         self.generation = generation
         self.queues = queues
+        # Per queue: the chains the backend took and has not used, in pop order (the last
+        # ones popped), kept here at each of its awaits so that a quiesce can give them back.
+        self.held: list[deque[DescriptorChain]] = [deque() for _ in queues]
         self._notifiers = notifiers
         self._interrupt = interrupt
         self._broken = broken
@@ -161,11 +212,13 @@ class VirtioDevice:
     queue_sizes: tuple[int, ...] = ()
     device_features: int = 0  # device-specific bits; the transport adds VERSION_1 and the ring features
     name = "virtio"
+    state_type: ClassVar[type[DeviceState]] = DeviceState
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.generation = 0  # bumped by every reset, under ``lock``
         self.config = bytearray()  # the device-specific configuration space
+        self.core: VirtioCore | None = None  # the transport's core, set by it (quiesce goes through it)
 
     # --- configuration space (vCPU threads) ------------------------------------------------
     def read_config(self, offset: int, data: memoryview) -> None:
@@ -188,6 +241,64 @@ class VirtioDevice:
     def close(self) -> None:
         """Release host resources (a tap, an image, sockets) once the VM has stopped."""
 
+    # --- snapshots ----------------------------------------------------------------------------
+    async def quiesce(self) -> None:
+        """Before a snapshot, on the event loop, with the vCPUs paused: stop the backend with
+        no chain held (see the module docstring). Then ``save_state`` of the device and its
+        transport are pure reads; ``resume_after_snapshot()`` when the VM runs on."""
+        if self.core is not None:
+            await self.core.quiesce()
+
+    def resume_after_snapshot(self) -> None:
+        """After a snapshot (or a failed one), on the event loop: the backend takes chains
+        again. Nothing happens unless ``quiesce`` ran."""
+        if self.core is not None:
+            self.core.resume_after_snapshot()
+
+    async def quiesce_backend(self, active: Activation, stop: Callable[[], Awaitable[None]]) -> None:
+        """Stop the backend of ``active`` taking chains, its work under way done, every chain
+        it took and did not use in ``active.held``. The default: ``stop()``, which cancels
+        the whole backend (not a reset: ``active`` stays current) and waits for it to end."""
+        await stop()
+
+    def resume_backend(self, active: Activation, start: Callable[[], None]) -> None:
+        """Undo ``quiesce_backend``; ``start()`` starts the backend anew on ``active``."""
+        start()
+
+    def return_held(self, active: Activation) -> None:
+        """Under the lock, once the backend is stopped: give back what it held, each queue
+        rewound by its ``held`` chains (``SplitQueue.unpop``)."""
+        for index, held in enumerate(active.held):
+            if held:
+                active.queues[index].unpop(len(held))
+                held.clear()
+
+    def restored(self, running: bool) -> None:
+        """The transport's state was restored (under the lock); ``running``: the driver had
+        set DRIVER_OK, and the backend starts again."""
+
+    def save(self) -> DeviceState:
+        with self.lock:
+            return DeviceState(self.device_type, bytes(self.config))
+
+    def restore(self, state: DeviceState) -> None:
+        """Check that ``state`` is this device's (``ValueError`` otherwise, nothing changed)."""
+        if state.device_type != self.device_type:
+            raise ValueError(f"{self.name}: the saved state is a type {state.device_type} virtio device's, "
+                             f"not type {self.device_type}")  # fmt: skip
+        if state.config != bytes(self.config):
+            raise ValueError(f"{self.name}: the saved configuration space ({_hex(state.config)}) is not this "
+                             f"device's ({_hex(self.config)})")  # fmt: skip
+
+    def save_state(self) -> bytes:
+        """The device's section of a snapshot (``trivmm.migration.devices.StateProvider``)."""
+        return pack_state(self.save())
+
+    def restore_state(self, data: bytes) -> None:
+        """Take a section ``save_state`` wrote, from an untrusted stream: ``ValueError`` for
+        anything this device cannot take."""
+        self.restore(unpack_state(self.state_type, data, f"{self.name} state"))
+
     async def serve(self, active: Activation) -> None:
         """The backend: serve the queues until cancelled (the device was reset or the VM
         stopped). The default serves each queue with ``handle``."""
@@ -209,5 +320,14 @@ class VirtioDevice:
             await anyio.lowlevel.checkpoint()
 
     async def handle(self, active: Activation, index: int, chain: DescriptorChain) -> None:
-        """One request; devices that use the default ``serve_queue`` override this."""
+        """One request; devices that use the default ``serve_queue`` override this. It must
+        complete ``chain`` without awaiting (rng's never awaits): then ``serve_queue`` holds
+        no chain at any of its awaits, and a quiesce, which cancels it there, has nothing to
+        give back. A device whose requests wait for IO serves its queues itself, keeping
+        what it holds in ``active.held`` (blk, net, vsock)."""
         raise NotImplementedError
+
+
+def _hex(data: bytes | bytearray) -> str:
+    text = bytes(data).hex()
+    return text if len(text) <= 48 else f"{text[:48]}... ({len(data)} bytes)"

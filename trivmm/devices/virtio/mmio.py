@@ -7,6 +7,11 @@ notification (``QueueNotify``, offset 0x50) normally never reaches this model: t
 an ioeventfd per queue there with the queue index as datamatch, so the guest's write
 signals the backend's eventfd inside KVM. The interrupt is a GSI raised through an irqfd
 (edge-triggered, announced so in the ACPI DSDT), with ``InterruptStatus`` saying why.
+
+Saved state (``MmioState``): the core's (``VirtioCore``) and ``InterruptStatus``. The
+ioeventfds and the irqfd are the VM's, bound when it is built; a restored status that the
+driver has not acknowledged is raised again (an edge lost on the way is worse than a
+spurious one).
 """
 
 from __future__ import annotations
@@ -14,12 +19,14 @@ from __future__ import annotations
 import struct
 import threading
 
-from trivmm.devices.virtio.device import STATUS_DRIVER_OK, VirtioDevice
-from trivmm.devices.virtio.transport import VirtioCore
+import attrs
+
+from trivmm.devices.virtio.device import STATUS_DRIVER_OK, VirtioDevice, pack_state, unpack_state
+from trivmm.devices.virtio.transport import CoreState, VirtioCore
 from trivmm.eventfd import EventFd
 from trivmm.memory import GuestMemory
 
-__all__ = ["VirtioMmio", "MMIO_SIZE", "NOTIFY_OFFSET", "MAGIC", "VENDOR_ID"]
+__all__ = ["VirtioMmio", "MmioState", "MMIO_SIZE", "NOTIFY_OFFSET", "MAGIC", "VENDOR_ID"]
 
 MMIO_SIZE = 0x200  # registers and config space (mapped in a 4 KiB slot)
 MAGIC = 0x7472_6976  # "virt"
@@ -32,6 +39,14 @@ INTERRUPT_CONFIG_CHANGE = 2
 _U32 = struct.Struct("<I")
 _QUEUE_FIELD_AT = {0x80: "desc_lo", 0x84: "desc_hi", 0x90: "avail_lo", 0x94: "avail_hi",
                    0xA0: "used_lo", 0xA4: "used_hi"}  # fmt: skip
+
+
+@attrs.frozen
+class MmioState:
+    """A virtio-mmio transport's registers: the core's, and ``InterruptStatus``."""
+
+    core: CoreState
+    interrupt_status: int
 
 
 class VirtioMmio:
@@ -125,3 +140,43 @@ class VirtioMmio:
                     self.interrupt_status = 0
         elif offset in _QUEUE_FIELD_AT:
             core.write_queue_field(_QUEUE_FIELD_AT[offset], value)
+
+    # --- saved state ---------------------------------------------------------------------------
+    def save(self) -> MmioState:
+        core = self.core.save()
+        with self._isr_lock:
+            return MmioState(core, self.interrupt_status)
+
+    def restore(self, state: MmioState) -> None:
+        """Take ``state`` (``VirtioCore.restore``); ``ValueError``, the device left reset,
+        for anything wrong."""
+        self._reset()
+        if state.interrupt_status & ~(INTERRUPT_USED_BUFFER | INTERRUPT_CONFIG_CHANGE) or state.interrupt_status < 0:
+            raise ValueError(f"{self.device.name}: saved InterruptStatus {state.interrupt_status:#x} has bits it "
+                             "cannot have")  # fmt: skip
+        with self._isr_lock:
+            self.interrupt_status = state.interrupt_status
+        try:
+            self.core.restore(state.core)  # raises again what a running device may have had in flight
+        except ValueError:
+            self._reset()
+            raise
+        if state.interrupt_status and not self.core.status & STATUS_DRIVER_OK:
+            self._interrupt.signal()
+
+    def _reset(self) -> None:
+        self.core.reset()
+        with self._isr_lock:
+            self.interrupt_status = 0
+
+    def save_state(self) -> bytes:
+        """The transport's section of a snapshot (``StateProvider``); after ``quiesce``."""
+        return pack_state(self.save())
+
+    def restore_state(self, data: bytes) -> None:
+        try:
+            state = unpack_state(MmioState, data, f"{self.device.name} virtio-mmio state")
+        except ValueError:
+            self._reset()
+            raise
+        self.restore(state)

@@ -42,6 +42,18 @@ runs once per batch (before the backend waits, and every ``BATCH`` frames).
 Resets follow ``device.py``: guest memory is written and chains are returned only under the
 device lock while the activation is current; a tx frame is not sent once the device has
 been reset (its buffers are the driver's again).
+
+Snapshots (``device.py``): a quiesce cancels the backend. The tx task holds chains only
+while the tap is full (the frames sent so far are returned first): those, and the rx
+buffers taken and not filled (``active.held``), go back to the ring. An rx buffer taken
+before one that went back unused (too short for the header) cannot be rewound past that
+used one: it is returned empty instead (a driver drops it as a short frame; only a driver
+posting such buffers meets this). A frame read from the tap and waiting for rx buffers is
+dropped (``rx_drops``, "snapshot"), as a full NIC would. The device's section is its
+configuration space; the MAC in it is taken on restore (the guest knows it, and a
+destination configured without one made up another). The tap is the destination's (from
+its configuration); the offloads the guest accepted are set on it again when the transport
+restores the features (``negotiated``).
 """
 
 from __future__ import annotations
@@ -49,12 +61,13 @@ from __future__ import annotations
 import collections
 import logging
 import struct
+from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.lowlevel
 import attrs
 
-from trivmm.devices.virtio.device import Activation, DeviceType, VirtioDevice
+from trivmm.devices.virtio.device import Activation, DeviceState, DeviceType, VirtioDevice
 from trivmm.devices.virtio.queue import DescriptorChain, VirtqueueError
 from trivmm.net import random_mac
 from trivmm.net.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, VNET_HDR_SIZE, Tap
@@ -169,6 +182,10 @@ class NetDevice(VirtioDevice):
         self.rx_drops = FrameDrops(f"{self.name} rx")
         self.tx_drops = FrameDrops(f"{self.name} tx")
         self.rx_bad_buffers = 0  # rx chains returned unused: too short for the header
+        # Snapshots (the loop's thread): the newest rx chain taken before one returned unused
+        # (a quiesce cannot rewind it), and the size of a frame waiting for rx buffers.
+        self._rx_pin: DescriptorChain | None = None
+        self._rx_waiting = 0
 
     def _tap_offloads(self) -> bool:
         """Whether the tap takes every TUNSETOFFLOAD flag the offload features may need."""
@@ -212,6 +229,39 @@ class NetDevice(VirtioDevice):
     def close(self) -> None:
         self.tap.close()
 
+    # --- snapshots ------------------------------------------------------------------------------
+    async def quiesce_backend(self, active: Activation, stop: Callable[[], Awaitable[None]]) -> None:
+        await stop()
+        if self._rx_waiting:
+            self.rx_drops.add("snapshot", f"a {self._rx_waiting - HDR_SIZE}-byte frame waiting for rx buffers")
+            self._rx_waiting = 0
+
+    def return_held(self, active: Activation) -> None:
+        """Rx chains taken before one that went back unused go back empty; the rest rewind."""
+        held = active.held[RX]
+        pin, self._rx_pin = self._rx_pin, None
+        if pin is not None and any(chain is pin for chain in held):
+            queue = active.queues[RX]
+            while held:
+                chain = held.popleft()
+                queue.add_used(chain.head, 0)
+                if chain is pin:
+                    break
+        super().return_held(active)
+
+    def restore(self, state: DeviceState) -> None:
+        """The saved MAC is taken; the rest of the configuration must be this device's."""
+        saved = state.config
+        mac = saved[:6] if len(saved) == len(self.config) and not saved[0] & 1 else None
+        if mac is not None:
+            state = attrs.evolve(state, config=bytes(self.config[:6]) + saved[6:])
+        super().restore(state)
+        if mac is not None and mac != self.mac:
+            _log.info("%s: takes the MAC %s of the snapshot (was %s)", self.name, mac.hex(":"), self.mac.hex(":"))
+            with self.lock:
+                self.mac = mac
+                self.config[:6] = mac
+
     # --- the backend ---------------------------------------------------------------------------
     async def serve(self, active: Activation) -> None:
         with self.lock:
@@ -246,7 +296,10 @@ class NetDevice(VirtioDevice):
                     self._return(active, TX, done)
                     self._notify(active, TX)
                     done = []
+                    held = active.held[TX]  # this chain and the rest: a quiesce gives them back
+                    held.extend(chains[next(i for i, c in enumerate(chains) if c is chain) :])
                     await self.tap.wait_writable()
+                    held.clear()
                 done.append(chain)
             self._return(active, TX, done)
             self._notify(active, TX)
@@ -303,7 +356,8 @@ class NetDevice(VirtioDevice):
         ring_size = active.queues[RX].size
         buffer = bytearray(HDR_SIZE + MAX_FRAME + 1)  # one byte more: a longer frame fills it
         view = memoryview(buffer)
-        chains: collections.deque[DescriptorChain] = collections.deque()  # taken, not yet used
+        chains = active.held[RX]  # taken, not yet used
+        self._rx_pin, self._rx_waiting = None, 0
         size = 0  # the frame read from the tap and not yet placed (header included), or 0
         budget = BATCH  # frames read from the tap before the next notification check and yield
         while True:
@@ -336,7 +390,9 @@ class NetDevice(VirtioDevice):
                 if mergeable and len(chains) < ring_size:
                     self._notify(active, RX)  # the driver may be waiting for used buffers to refill
                     budget = BATCH
+                    self._rx_waiting = size  # what a quiesce now drops
                     await active.wait_notified(RX)
+                    self._rx_waiting = 0
                     continue
                 room = sum(chain.writable_len for chain in chains) if mergeable else chains[0].writable_len
                 self.rx_drops.add("no-room", f"a {size - HDR_SIZE}-byte frame, {room} bytes of rx buffers")
@@ -406,6 +462,10 @@ class NetDevice(VirtioDevice):
                     _log.warning("%s: %d rx buffer(s) too short for the %d-byte header so far: returned unused",
                                  self.name, self.rx_bad_buffers, HDR_SIZE)  # fmt: skip
                 self._return(active, RX, bad)
+                # A used chain now follows those taken before it: a quiesce cannot rewind them.
+                last_bad = max(i for i, chain in enumerate(taken) if chain.writable_len < HDR_SIZE)
+                before = [chain for chain in taken[:last_bad] if chain.writable_len >= HDR_SIZE]
+                self._rx_pin = before[-1] if before else chains[-1] if chains else None
             good = [chain for chain in taken if chain.writable_len >= HDR_SIZE]
             if good:
                 chains.extend(good)

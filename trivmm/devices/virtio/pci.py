@@ -71,6 +71,16 @@ the backend's loop thread or, for DEVICE_NEEDS_RESET, from a vCPU thread under t
 lock. Lock order: root lock, then the device lock, then this transport's lock (vectors and
 ISR), then the function's INTx and MSI-X locks.
 
+**Saved state** (``PciTransportState``): the core's (``VirtioCore``), the configuration and
+queue MSI-X vectors, ISR, the INTx level asked for, the MSI-X table and PBA. Configuration
+space -- BARs, command, the MSI-X control word, the PCI_CFG window -- is the PCI root's
+(``PciRootState``), restored before this (the registry's order), so the BAR is in place, its
+notify ioeventfds moved there, and MSI-X enabled or not when the table is written: writing
+it routes every deliverable vector (``GsiRouter``: KVM's table; the irqfds were bound when
+the function was built), and a pending bit fires or stays pending as the vector's mask
+says. (A pending bit of a function whose MSI-X is disabled is not carried: no interrupt
+can come of it until the driver enables MSI-X, and then one is raised anew.)
+
 **Wiring it into a VM**::
 
     transport = VirtioPci(device, memory, gsi_router)
@@ -88,7 +98,9 @@ import threading
 from collections.abc import Callable
 from typing import NamedTuple
 
-from trivmm.devices.pci.function import BarKind, PciError, PciFunction
+import attrs
+
+from trivmm.devices.pci.function import STATUS, STATUS_INTERRUPT, BarKind, PciError, PciFunction
 from trivmm.devices.pci.irq import MsiRouter
 from trivmm.devices.pci.msix import MSIX_MAX_VECTORS
 from trivmm.devices.virtio.device import (
@@ -100,13 +112,15 @@ from trivmm.devices.virtio.device import (
     STATUS_FEATURES_OK,
     DeviceType,
     VirtioDevice,
+    pack_state,
+    unpack_state,
 )
-from trivmm.devices.virtio.transport import VirtioCore
+from trivmm.devices.virtio.transport import CoreState, VirtioCore
 from trivmm.memory import GuestMemory
 
-__all__ = ["VirtioPci", "NotifyRegion", "RebindNotify", "VIRTIO_PCI_VENDOR_ID", "VIRTIO_PCI_DEVICE_ID_BASE",
-           "VIRTIO_PCI_SUBSYSTEM_ID", "VIRTIO_PCI_REVISION", "VIRTIO_MSI_NO_VECTOR", "CAP_COMMON_CFG",
-           "CAP_NOTIFY_CFG", "CAP_ISR_CFG", "CAP_DEVICE_CFG", "CAP_PCI_CFG", "COMMON_CFG_OFFSET",
+__all__ = ["VirtioPci", "PciTransportState", "NotifyRegion", "RebindNotify", "VIRTIO_PCI_VENDOR_ID",
+           "VIRTIO_PCI_DEVICE_ID_BASE", "VIRTIO_PCI_SUBSYSTEM_ID", "VIRTIO_PCI_REVISION", "VIRTIO_MSI_NO_VECTOR",
+           "CAP_COMMON_CFG", "CAP_NOTIFY_CFG", "CAP_ISR_CFG", "CAP_DEVICE_CFG", "CAP_PCI_CFG", "COMMON_CFG_OFFSET",
            "COMMON_CFG_LENGTH", "ISR_CFG_OFFSET", "DEVICE_CFG_OFFSET", "DEVICE_CFG_LENGTH", "NOTIFY_CFG_OFFSET",
            "NOTIFY_OFF_MULTIPLIER", "ISR_QUEUE", "ISR_CONFIG", "class_code"]  # fmt: skip
 
@@ -163,6 +177,19 @@ _COMMON_WRITABLE = frozenset({_DEVICE_FEATURE_SELECT, _DRIVER_FEATURE_SELECT, _D
 
 # struct virtio_pci_cap after cap_vndr, cap_next and cap_len: the payload add_vendor_capability takes.
 _CAP_BAR, _CAP_OFFSET, _CAP_LENGTH, _CAP_EXTRA = 4, 8, 12, 16  # offsets from the capability's start
+
+
+@attrs.frozen
+class PciTransportState:
+    """What a virtio-pci function keeps beyond its configuration space (the root's)."""
+
+    core: CoreState
+    config_vector: int
+    queue_vectors: tuple[int, ...]
+    isr: int
+    intx: bool  # the INTx level the function asks for
+    msix_table: bytes
+    msix_pending: int  # the PBA, bit per vector
 
 
 class NotifyRegion(NamedTuple):
@@ -334,6 +361,83 @@ class VirtioPci(PciFunction):
             self._queue_vectors = [VIRTIO_MSI_NO_VECTOR] * self.num_queues
             self._isr = 0
             self.set_intx(False)
+
+    # --- saved state ----------------------------------------------------------------------------
+    def save(self) -> PciTransportState:
+        core = self.core.save()
+        msix = self.msix
+        assert msix is not None
+        table = bytearray(msix.table_size)
+        msix.table_read(0, memoryview(table))
+        pba = bytearray(msix.pba_size)
+        msix.pba_read(0, memoryview(pba))
+        with self._lock:
+            config_vector, queue_vectors, isr = self._config_vector, tuple(self._queue_vectors), self._isr
+        intx = bool(PciFunction.read_config(self, STATUS, 2) & STATUS_INTERRUPT)
+        return PciTransportState(core, config_vector, queue_vectors, isr, intx, bytes(table),
+                                 int.from_bytes(pba, "little"))  # fmt: skip
+
+    def check(self, state: PciTransportState) -> None:
+        """``ValueError`` for what this function cannot take (the core's part: its own check)."""
+        msix = self.msix
+        assert msix is not None
+        vectors = [("config_vector", state.config_vector)]
+        if len(state.queue_vectors) != self.num_queues:
+            raise ValueError(f"{self!r}: {len(state.queue_vectors)} saved queue vectors, not {self.num_queues}")
+        vectors += [(f"queue {index}'s vector", vector) for index, vector in enumerate(state.queue_vectors)]
+        for what, vector in vectors:
+            if not (0 <= vector < self.msix_vectors or vector == VIRTIO_MSI_NO_VECTOR):
+                raise ValueError(f"{self!r}: saved {what} {vector} is neither one of the {self.msix_vectors} MSI-X "
+                                 f"vectors nor VIRTIO_MSI_NO_VECTOR")  # fmt: skip
+        if state.isr & ~(ISR_QUEUE | ISR_CONFIG) or state.isr < 0:
+            raise ValueError(f"{self!r}: saved ISR {state.isr:#x} has bits it cannot have")
+        if len(state.msix_table) != msix.table_size:
+            raise ValueError(f"{self!r}: saved MSI-X table of {len(state.msix_table)} bytes, not {msix.table_size}")
+        for vector in range(msix.vectors):
+            entry = state.msix_table[16 * vector : 16 * vector + 16]
+            # Message Address bits 1:0 and Vector Control bits 31:1 are read-only zero.
+            if entry[0] & 0x3 or entry[12] & ~0x1 or any(entry[13:16]):
+                raise ValueError(f"{self!r}: saved MSI-X entry {vector} has read-only bits set")
+        if not 0 <= state.msix_pending < 1 << msix.vectors:
+            raise ValueError(f"{self!r}: saved MSI-X pending bits {state.msix_pending:#x} name vectors past "
+                             f"the {msix.vectors} there are")  # fmt: skip
+
+    def restore(self, state: PciTransportState) -> None:
+        """Take ``state`` after the PCI root's; ``ValueError``, the device left reset (the
+        MSI-X table as it was), for anything wrong."""
+        self._reset_device()
+        self.check(state)
+        msix = self.msix
+        assert msix is not None
+        with self._lock:
+            self._config_vector, self._queue_vectors = state.config_vector, list(state.queue_vectors)
+            self._isr = state.isr
+        msix.table_write(0, memoryview(state.msix_table))  # routes the deliverable vectors
+        for vector in range(msix.vectors):
+            if state.msix_pending >> vector & 1:
+                msix.notify(vector)  # pending again behind its mask, or delivered
+        self.set_intx(state.intx)
+        try:
+            self.core.restore(state.core)  # raises again what a running device may have had in flight
+        except ValueError:
+            self._reset_device()
+            raise
+
+    def _reset_device(self) -> None:
+        self.core.reset()
+        self._reset_transport()
+
+    def save_state(self) -> bytes:
+        """The function's section of a snapshot (``StateProvider``); after ``quiesce``."""
+        return pack_state(self.save())
+
+    def restore_state(self, data: bytes) -> None:
+        try:
+            state = unpack_state(PciTransportState, data, f"{self.device.name} virtio-pci state")
+        except ValueError:
+            self._reset_device()
+            raise
+        self.restore(state)
 
     # --- BAR 0 (vCPU threads) -----------------------------------------------------------------
     def _bar_read(self, offset: int, data: memoryview) -> None:

@@ -49,8 +49,16 @@ without waiting to be cancelled. The listening socket belongs to the device and 
 activations: host connections made meanwhile wait in its backlog. ``close()`` closes and
 removes it.
 
-The event queue is left alone: VIRTIO_VSOCK_EVENT_TRANSPORT_RESET only matters after a
-migration.
+Snapshots. Host connections cannot move: their sockets belong to this host's processes.
+So a quiesce (``device.py``) stops only the tasks that use the rings -- tx, rx, the event
+queue's -- (rx buffers taken and not filled go back to the ring; nothing else is held at
+their awaits), while the connections, their host sockets and the listening socket live on:
+the source runs on with them. A restored device has none, and does what Firecracker does:
+its first activation sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue (waiting
+for the driver's event buffer), on which the guest drops every connection (Linux also
+reads its CID again) -- before it accepts host connections, which wait in the listening
+socket's backlog until then. The device's section is its configuration space (the guest
+CID: another is refused) and the next host-side port it would allocate.
 """
 
 from __future__ import annotations
@@ -63,13 +71,14 @@ import socket
 import stat
 import struct
 from collections import deque
+from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
 import attrs
 
-from trivmm.devices.virtio.device import Activation, DeviceType, VirtioDevice
+from trivmm.devices.virtio.device import Activation, DeviceState, DeviceType, VirtioDevice
 from trivmm.devices.virtio.queue import DescriptorChain, VirtqueueError
 from trivmm.errors import ConfigError
 
@@ -78,7 +87,7 @@ __all__ = [
     "OP_REQUEST", "OP_RESPONSE", "OP_RST", "OP_SHUTDOWN", "OP_RW", "OP_CREDIT_UPDATE",
     "OP_CREDIT_REQUEST", "SHUTDOWN_RCV", "SHUTDOWN_SEND", "VIRTIO_VSOCK_F_STREAM",
     "RX_QUEUE", "TX_QUEUE", "EVENT_QUEUE", "MAX_PAYLOAD", "DEFAULT_BUF_ALLOC",
-    "MAX_CONNECT_LINE", "LOCAL_PORT_BASE",
+    "MAX_CONNECT_LINE", "LOCAL_PORT_BASE", "EVENT_TRANSPORT_RESET", "VsockState",
 ]  # fmt: skip
 
 _log = logging.getLogger(__name__)
@@ -93,6 +102,8 @@ SHUTDOWN_RCV = 1  # the sender will receive no more
 SHUTDOWN_SEND = 2  # the sender will send no more
 VIRTIO_VSOCK_F_STREAM = 0
 RX_QUEUE, TX_QUEUE, EVENT_QUEUE = 0, 1, 2
+EVENT_TRANSPORT_RESET = 0  # struct virtio_vsock_event { le32 id; }: VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
+_EVENT = struct.Struct("<I")
 
 MAX_PAYLOAD = 64 * 1024  # one packet's payload either way (Linux's VIRTIO_VSOCK_MAX_PKT_BUF_SIZE)
 DEFAULT_BUF_ALLOC = 256 * 1024  # guest-to-host bytes buffered per connection (Linux's default too)
@@ -107,6 +118,13 @@ _SEND_CHUNK = MAX_PAYLOAD
 CONNECTING = "connecting"  # guest-initiated: connecting to <uds_path>_<port>
 REQUESTED = "requested"  # host-initiated: OP_REQUEST queued or sent, no answer yet
 ESTABLISHED = "established"
+
+
+@attrs.frozen
+class VsockState(DeviceState):
+    """The device's section: its configuration space (the guest CID) and the next host port."""
+
+    next_port: int
 
 
 @attrs.frozen
@@ -200,6 +218,7 @@ class VsockDevice(VirtioDevice):
     queue_sizes = (256, 256, 256)
     device_features = 1 << VIRTIO_VSOCK_F_STREAM
     name = "virtio-vsock"
+    state_type = VsockState
 
     def __init__(self, guest_cid: int, uds_path: str | os.PathLike[str], *,
                  buf_alloc: int = DEFAULT_BUF_ALLOC, max_connections: int = 1024, max_handshakes: int = 64,
@@ -225,6 +244,8 @@ class VsockDevice(VirtioDevice):
         self._session: _Session | None = None
         self._listener: socket.socket | None = None
         self._listener_id: tuple[int, int] | None = None
+        self._transport_reset_due = False  # restored: tell the driver its connections are gone
+        self._paused: _Session | None = None  # the session whose ring tasks a quiesce stopped
         self._listen()
 
     # --- the listening socket (the VM's lifetime) ------------------------------------------
@@ -259,6 +280,43 @@ class VsockDevice(VirtioDevice):
         except OSError:
             pass
 
+    # --- lifecycle and snapshots ---------------------------------------------------------------
+    def reset_state(self) -> None:
+        self._transport_reset_due = False  # a new driver has no connections to drop
+
+    def restored(self, running: bool) -> None:
+        self._transport_reset_due = running
+
+    async def quiesce_backend(self, active: Activation, stop: Callable[[], Awaitable[None]]) -> None:
+        """Only the ring tasks stop: the connections, on host sockets, live on."""
+        session = self._session
+        if session is None or session.active is not active or session.tg is None:
+            await stop()  # not started yet: it has taken nothing
+            return
+        self._paused = session
+        await session.stop_queues()
+
+    def resume_backend(self, active: Activation, start: Callable[[], None]) -> None:
+        session, self._paused = self._paused, None
+        if session is not None and session is self._session and session.tg is not None:
+            session.start_queues()
+        elif session is None:
+            start()
+        # else: the paused session ended meanwhile (a reset): nothing to resume
+
+    def save(self) -> VsockState:
+        with self.lock:
+            return VsockState(self.device_type, bytes(self.config), self._next_port)
+
+    def restore(self, state: DeviceState) -> None:
+        super().restore(state)
+        if not isinstance(state, VsockState):
+            raise ValueError(f"{self.name}: a saved state without the next host port")
+        if not LOCAL_PORT_BASE <= state.next_port < _U32:
+            raise ValueError(f"{self.name}: saved next host port {state.next_port} is not "
+                             f"{LOCAL_PORT_BASE}..{_U32 - 1}")  # fmt: skip
+        self._next_port = state.next_port
+
     # --- the backend -------------------------------------------------------------------------
     async def serve(self, active: Activation) -> None:
         if self._listener is None:
@@ -268,9 +326,11 @@ class VsockDevice(VirtioDevice):
         try:
             async with anyio.create_task_group() as tg:
                 session.tg = tg
-                tg.start_soon(session.serve_tx)
-                tg.start_soon(session.serve_rx)
-                tg.start_soon(session.accept_host)
+                session.start_queues()
+                with self.lock:
+                    reset_due = self._transport_reset_due and active.current
+                if not reset_due:  # else once the guest has heard of the reset
+                    session.start_accepting()
         finally:
             session.close_all()
             if self._session is session:
@@ -335,6 +395,61 @@ class _Session:
         self.rx_work = _Wakeup()  # the rx task: something for the guest
         self.tx_room = _Wakeup()  # the tx task: the reply backlog has room again
         self.stats = device.stats
+        self.accepting = False
+        # The ring tasks run in a scope of their own, which a quiesce cancels.
+        self.queues_scope = anyio.CancelScope()
+        self.queues_done = anyio.Event()
+
+    # --- the ring tasks ----------------------------------------------------------------------
+    def start_queues(self) -> None:
+        """Start the tasks that use the rings: tx, rx, and the transport reset if one is due."""
+        assert self.tg is not None
+        self.queues_scope, self.queues_done = anyio.CancelScope(), anyio.Event()
+        self.tg.start_soon(self.run_queues, self.queues_scope, self.queues_done)
+
+    async def stop_queues(self) -> None:
+        """Stop them at their awaits (rx chains not filled are in ``active.held``)."""
+        self.queues_scope.cancel()
+        await self.queues_done.wait()
+
+    async def run_queues(self, scope: anyio.CancelScope, done: anyio.Event) -> None:
+        try:
+            with scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self.serve_tx)
+                    tg.start_soon(self.serve_rx)
+                    with self.device.lock:
+                        reset_due = self.device._transport_reset_due
+                    if reset_due:
+                        tg.start_soon(self.send_transport_reset)
+        finally:
+            done.set()
+
+    def start_accepting(self) -> None:
+        if not self.accepting:
+            self.accepting = True
+            assert self.tg is not None
+            self.tg.start_soon(self.accept_host)
+
+    async def send_transport_reset(self) -> None:
+        """VIRTIO_VSOCK_EVENT_TRANSPORT_RESET in the driver's first event buffer; then host
+        connections are accepted."""
+        active = self.active
+        while not (chains := active.take_chains(EVENT_QUEUE, 1)):
+            if not active.current:
+                self.stop()
+                return
+            await active.wait_notified(EVENT_QUEUE)
+        (chain,) = chains
+        if chain.writable_len < _EVENT.size:
+            self.stats["event_buffer_too_small"] += 1
+        if not active.complete(EVENT_QUEUE, chain, _EVENT.pack(EVENT_TRANSPORT_RESET)):
+            self.stop()
+            return
+        with self.device.lock:
+            self.device._transport_reset_due = False
+        self.stats["transport_resets"] += 1
+        self.start_accepting()
 
     # --- helpers ---------------------------------------------------------------------------
     def stop(self) -> None:
@@ -523,7 +638,7 @@ class _Session:
     # --- the rx queue: packets for the guest ---------------------------------------------------
     async def serve_rx(self) -> None:
         active = self.active
-        chains: deque[DescriptorChain] = deque()  # taken, not yet used
+        chains = active.held[RX_QUEUE]  # taken, not yet used: a quiesce gives them back
         budget = _BATCH  # packets before the next notification check and yield
         while True:
             if not self.replies and not self.ready:
