@@ -4,6 +4,7 @@
     python -m bench --linux         also boot the small Debian-built guest to its init marker
     python -m bench --blk-only      only bench/virtio_blk.py (python -m bench.virtio_blk)
     python -m bench --density-only  only bench/density.py (python -m bench.density)
+    python -m bench --display-only  only bench/display.py (python -m bench.display)
 
 1. PIO exit cost, one 32-bit `out` loop answered three ways, alternating in every round:
    - the C floor: ../shared/tools/kvm_exit_floor.c (compiled on the fly), a C loop that
@@ -39,6 +40,7 @@
    against the host's own reads of the same file, and the VMM's CPU per request
    (bench/virtio_blk.py, whose docstring says how).
 5. Density: tiny VMs per second, per MiB, per process (bench/density.py).
+6. Display: the VNC server's CPU for an idle and a busy screen (bench/display.py).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from pathlib import Path
 
 import trio
 
-from bench import density, virtio_blk
+from bench import density, display, virtio_blk
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR_SOURCE = Path(os.environ.get("TRIVMM_EXIT_FLOOR_C", ROOT.parent / "shared/tools/kvm_exit_floor.c"))
@@ -351,7 +353,11 @@ def main() -> None:
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--density-only", action="store_true", help="only bench/density.py (python -m bench.density)")
     only.add_argument("--blk-only", action="store_true", help="only bench/virtio_blk.py (python -m bench.virtio_blk)")
+    only.add_argument("--display-only", action="store_true", help="only bench/display.py (python -m bench.display)")
     args = parser.parse_args()
+    if args.display_only:
+        display.main([])
+        return
     print(f"trivmm benchmarks on {os.uname().nodename}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     if not (args.density_only or args.blk_only):
         bench_exits(args.exits, args.rounds)
@@ -362,6 +368,8 @@ def main() -> None:
         virtio_blk.main([])  # virtio-blk from a guest polling at CPL3 (bench/virtio_blk.py)
     if not args.blk_only:
         density.main([])  # tiny VMs per second, per process, per MiB (bench/density.py)
+    if not (args.density_only or args.blk_only):
+        display.main([])  # the VNC server's CPU, idle and busy screen (bench/display.py)
 
 
 if __name__ == "__main__":

@@ -185,7 +185,8 @@ def _options(help_text: str) -> set[str]:
     return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", help_text)) - {"--help"}
 
 
-@pytest.mark.parametrize("command", [(), ("run",), ("guest", "build")], ids=["python -m trivmm", "run", "guest build"])
+@pytest.mark.parametrize("command", [(), ("run",), ("guest", "build"), ("migrate",), ("snapshot",)],
+                         ids=["python -m trivmm", "run", "guest build", "migrate", "snapshot"])  # fmt: skip
 def test_cli_reference_lists_every_option(command: tuple[str, ...]) -> None:
     options = _options(_help(*command))
     assert options, "no options found in the help text: has its format changed?"
@@ -202,7 +203,8 @@ def test_cli_reference_names_every_command_and_exit_status() -> None:
     from trivmm.cpu.templates import TEMPLATES
 
     text = CLI_DOC.read_text()
-    for command in ("python -m trivmm run", "python -m trivmm guest build", "python -m trivmm guest builtin"):
+    for command in ("python -m trivmm run", "python -m trivmm guest build", "python -m trivmm guest builtin",
+                    "python -m trivmm migrate", "python -m trivmm snapshot"):  # fmt: skip
         assert f"## `{command}" in text, command
     statuses = {value for name, value in vars(cli).items() if name.startswith("EXIT_")}
     assert statuses == {0, 1, 2, 3, 130}

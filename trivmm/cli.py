@@ -15,21 +15,28 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import select
 import stat
 import sys
 import termios
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 import anyio.lowlevel
+import attrs
 
+from trivmm.errors import TrivmmError
 from trivmm.eventfd import close_watched_fd
 
 if TYPE_CHECKING:
+    from trivmm.config import VmConfig
+    from trivmm.migration.qmpclient import QmpClient
+    from trivmm.qmp import QmpServer
     from trivmm.vm import VM, VmExit
+    from trivmm.vnc import VncServer
 
 __all__ = ["main"]
 
@@ -91,6 +98,50 @@ def _parser() -> argparse.ArgumentParser:
                      help="a QMP control socket (QEMU's machine protocol; unix socket, mode 0600) at PATH: "
                           "query-status, stop, cont, quit, ... (docs/qmp.md); a stale socket there is "
                           "replaced")  # fmt: skip
+    # --- display (docs/display.md) ---
+    run.add_argument("--display", metavar="WIDTHxHEIGHT",
+                     help="a linear framebuffer (32 bpp, XRGB8888) announced to Linux as an EFI framebuffer "
+                          "(efifb/simpledrm, fbcon); makes boot protocol auto enter Linux by linux64, and "
+                          "adds console=tty0 (default: none)")  # fmt: skip
+    run.add_argument("--vnc", metavar="unix:PATH|HOST:PORT",
+                     help="a VNC (RFB 3.8) server for the display, no password: a unix socket (mode 0600) or "
+                          "TCP on a loopback address (another address only with ,allow-remote=on); keys and "
+                          "pointer go to the PS/2 keyboard and mouse (needs --display)")  # fmt: skip
+    run.add_argument("--incoming", metavar="URI",
+                     help="receive the guest from a migration instead of booting one: tcp:HOST:PORT or "
+                          "unix:PATH (listen there until a migration succeeds) or file:PATH (a snapshot); "
+                          "the guest's shape comes from the stream, --disk/--net/--vsock replace its device "
+                          "backends (docs/migration.md)")  # fmt: skip
+
+    migrate = sub.add_parser(
+        "migrate",
+        help="move a running guest to another trivmm (hot or cold)",
+        description="Migrate the guest of the trivmm whose control socket (run --api-sock) is SRC to "
+        "the destination DST, a trivmm started with run --incoming DST (tcp:HOST:PORT or unix:PATH), or "
+        "into a snapshot file (file:PATH). Hot (pre-copy) unless --cold. Exits 0 once the destination "
+        "runs the guest (the source is then quit, unless --keep-source), 1 when the migration failed "
+        "(the source runs on), 2 for bad input.",
+    )
+    migrate.add_argument("src", metavar="SRC", help="the source's control socket (run --api-sock PATH)")
+    migrate.add_argument("dst", metavar="DST", help="where to: tcp:HOST:PORT, unix:PATH or file:PATH")
+    migrate.add_argument("--cold", action="store_true",
+                         help="pause the guest first and send everything once (file: is always cold)")
+    migrate.add_argument("--downtime-ms", metavar="N", type=int,
+                         help="the longest pause for the switch-over that pre-copy aims at (default 300)")
+    migrate.add_argument("--max-bandwidth", metavar="RATE",
+                         help="bytes per second the stream may use, e.g. 100M (default: no limit)")
+    migrate.add_argument("--keep-source", action="store_true",
+                         help="leave the source paused (postmigrate) instead of quitting it after a migration")
+
+    snapshot = sub.add_parser(
+        "snapshot",
+        help="write a running guest's snapshot to a file",
+        description="Write the complete state of the guest of the trivmm whose control socket (run "
+        "--api-sock) is SRC to FILE (written atomically); a guest that was running runs on. Restore it "
+        "with run --incoming file:FILE.",
+    )
+    snapshot.add_argument("src", metavar="SRC", help="the source's control socket (run --api-sock PATH)")
+    snapshot.add_argument("file", metavar="FILE", help="the snapshot file to write")
 
     guest = sub.add_parser("guest", help="build test guests from Debian packages")
     guest_sub = guest.add_subparsers(dest="guest_command", required=True, metavar="ACTION")
@@ -149,15 +200,23 @@ def _run(args: argparse.Namespace) -> int:
                       transport=args.transport, rng=args.rng,
                       net=tuple(NetConfig.parse(spec) for spec in args.net),
                       disks=tuple(DiskConfig.parse(spec) for spec in args.disk),
-                      vsock=VsockConfig.parse(args.vsock) if args.vsock else None)  # fmt: skip
+                      vsock=VsockConfig.parse(args.vsock) if args.vsock else None,
+                      display=args.display)  # fmt: skip
+    _check_display_options(args)
+    if args.incoming is not None:
+        _check_incoming_options(args)
+
     async def main() -> int:
         stdin = _stdin_stream()
         try:
-            with VM(config, console_output=_write_stdout, console_input=stdin) as vm:
-                if args.api_sock is None:
-                    result = await vm.run()
-                else:
-                    result = await _run_with_api_socket(vm, args.api_sock)
+            if args.incoming is not None:
+                result = await _run_incoming(args, config, stdin)
+            else:
+                with VM(config, console_output=_write_stdout, console_input=stdin) as vm, _vnc_server(vm, args) as vnc:
+                    if args.api_sock is None:
+                        result = await _beside_vnc(vnc, vm.run)
+                    else:
+                        result = await _beside_vnc(vnc, lambda: _run_with_api_socket(vm, args.api_sock))
         finally:
             if stdin is not None:
                 stdin.close()
@@ -179,6 +238,7 @@ async def _run_with_api_socket(vm: VM, path: str) -> VmExit:
     from trivmm.qmp import QmpServer
 
     with QmpServer(vm, path) as server:
+        _serve_migration(vm, server)
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(server.serve)
@@ -277,6 +337,269 @@ def _guest(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- display: run --display, --vnc (docs/display.md) ------------------------------------------
+def _check_display_options(args: argparse.Namespace) -> None:
+    from trivmm.errors import ConfigError
+
+    if args.vnc is not None and args.display is None:
+        raise ConfigError("--vnc needs a display: add --display WIDTHxHEIGHT")
+    if args.incoming is not None and args.display is not None:
+        raise ConfigError("--display/--vnc: not with --incoming (a snapshot does not carry the framebuffer yet)")
+
+
+@contextlib.contextmanager
+def _vnc_server(vm: VM, args: argparse.Namespace) -> Iterator[VncServer | None]:
+    """The VNC server of ``--vnc`` for ``vm``'s display, bound now (a bad address is bad input)."""
+    if args.vnc is None or vm.display is None:
+        yield None
+        return
+    from trivmm.vnc import VncServer
+
+    with VncServer(vm.display, vm.i8042, args.vnc) as server:
+        print(f"trivmm: VNC server on {server.endpoint}", file=sys.stderr, flush=True)
+        yield server
+
+
+async def _beside_vnc(server: VncServer | None, run: Callable[[], Awaitable[VmExit]]) -> VmExit:
+    """``run()`` (the VM) with the VNC server serving beside it until it ends."""
+    if server is None:
+        return await run()
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.serve)
+            result = await run()
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _one_error(group) from None
+    return result
+
+
+# --- migration: run --incoming, migrate, snapshot (docs/migration.md) ---------------------------
+_SHAPE_OPTIONS = ("kernel", "initrd", "append", "memory", "vcpus", "cpu_template", "boot_protocol", "transport", "rng")
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?(/s)?\s*$", re.IGNORECASE)
+_POLL_INTERVAL = 0.1
+
+
+def _serve_migration(vm: VM, server: QmpServer) -> None:
+    """The VM's migration engine behind the QMP server's migration commands, its events
+    sent to the server's clients, running as a service of the VM."""
+    migration = vm.migration
+    migration.emit = server.emit_event
+    server.migration = migration
+    vm.add_service(migration.serve)
+
+
+def _check_incoming_options(args: argparse.Namespace) -> None:
+    """With --incoming the guest's shape comes from the stream: options that set it are refused."""
+    from trivmm.errors import ConfigError
+
+    defaults = _parser().parse_args(["run"])
+    given = [name for name in _SHAPE_OPTIONS if getattr(args, name) != getattr(defaults, name)]
+    if given:
+        options = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ConfigError(f"{options}: with --incoming the guest's shape comes from the migration stream")
+
+
+async def _run_incoming(args: argparse.Namespace, config: VmConfig, stdin: _FdReceiveStream | None) -> VmExit:
+    """``run --incoming URI``: wait for the guest (a tcp: or unix: listener takes one
+    migration after another until one succeeds; file: restores a snapshot), then run it."""
+    from trivmm.errors import ConfigError, MigrationError
+    from trivmm.kvm import KvmError
+    from trivmm.migration import listen, parse_uri, restore_vm
+
+    try:
+        target = parse_uri(args.incoming)
+    except MigrationError as exc:
+        raise ConfigError(str(exc)) from None
+
+    def adapt(saved: VmConfig) -> VmConfig:  # the destination's own device backends, where given
+        changes: dict[str, Any] = {}
+        if config.disks:
+            changes["disks"] = config.disks
+        if config.net:
+            changes["net"] = config.net
+        if config.vsock is not None:
+            changes["vsock"] = config.vsock
+        return attrs.evolve(saved, **changes)
+
+    async def receive() -> VM:
+        if target.scheme == "file":
+            return await restore_vm(target.path, console_output=_write_stdout, console_input=stdin, adapt=adapt)
+        async with listen(str(target)) as listener:
+            print(f"trivmm: waiting for a migration on {listener.uri}", file=sys.stderr, flush=True)
+            while True:
+                try:
+                    return await listener.accept(console_output=_write_stdout, console_input=stdin, adapt=adapt)
+                except (MigrationError, ConfigError, KvmError) as exc:
+                    print(f"trivmm: an incoming migration failed: {exc}; waiting for another", file=sys.stderr,
+                          flush=True)  # fmt: skip
+
+    if args.api_sock is None:
+        with await receive() as vm:
+            print("trivmm: the guest runs here", file=sys.stderr, flush=True)
+            return await vm.run()
+    from trivmm.qmp import QmpServer
+
+    with QmpServer(None, args.api_sock, migration=_Incoming()) as server:
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(server.serve)  # query-status: "inmigrate" meanwhile
+                with await receive() as vm:
+                    server.attach(vm)
+                    _serve_migration(vm, server)
+                    print("trivmm: the guest runs here", file=sys.stderr, flush=True)
+                    result = await vm.run()
+        except BaseExceptionGroup as group:
+            raise _one_error(group) from None
+    return result
+
+
+class _Incoming:
+    """The QMP server's migration control while the destination waits for its guest."""
+
+    def run_state(self) -> str:
+        return "inmigrate"
+
+    async def migrate(self, uri: str, arguments: Mapping[str, Any]) -> None:
+        raise TrivmmError("this VM is still being received (inmigrate)")
+
+    async def migrate_cancel(self) -> None:
+        pass
+
+    async def query_migrate(self) -> Mapping[str, Any]:
+        return {}
+
+    async def set_parameters(self, parameters: Mapping[str, Any]) -> None:
+        raise TrivmmError("this VM is still being received (inmigrate)")
+
+
+def _parse_rate(text: str) -> int:
+    """``100M``, ``1.5G``, ``500K`` (bytes per second, powers of 1024; ``/s`` may follow), or
+    a plain number of bytes per second."""
+    from trivmm.errors import ConfigError
+
+    m = _RATE.match(text)
+    if not m:
+        raise ConfigError(f"bad rate {text!r} (use e.g. 100M for 100 MiB/s)")
+    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
+    return int(float(m.group(1)) * scale)
+
+
+async def _wait_for_migration(client: QmpClient, what: str) -> dict[str, Any]:
+    """Poll query-migrate until the migration has ended; a progress bar on a terminal."""
+    from tqdm import tqdm
+
+    layout = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}] {postfix}"
+    bar = tqdm(desc=what, file=sys.stderr, unit="B", unit_scale=True, unit_divisor=1024, disable=None,
+               bar_format=layout)  # fmt: skip
+    try:
+        while True:
+            info = await client.execute("query-migrate")
+            status = info.get("status", "none") if isinstance(info, dict) else "none"
+            ram = info.get("ram", {}) if isinstance(info, dict) else {}
+            if ram:
+                sent, remaining = ram.get("transferred", 0), ram.get("remaining", 0)
+                bar.total = max(sent + remaining, 1)
+                bar.n = sent
+                dirty = ram.get("dirty-pages-rate", 0) * ram.get("page-size", 4096)
+                postfix = f"{status}, round {ram.get('dirty-sync-count', 0)}, dirty {dirty / (1 << 20):.1f} MiB/s"
+                if "expected-downtime" in info:
+                    postfix += f", downtime ~{info['expected-downtime']} ms"
+                if info.get("cpu-throttle-percentage"):
+                    postfix += f", throttle {info['cpu-throttle-percentage']} %"
+                bar.set_postfix_str(postfix, refresh=False)
+                bar.refresh()
+            if status in ("completed", "failed", "cancelled"):
+                return info if isinstance(info, dict) else {}
+            await anyio.sleep(_POLL_INTERVAL)
+    finally:
+        bar.close()
+
+
+async def _migration_command(src: str, body: Callable[[QmpClient], Awaitable[int]]) -> int:
+    from trivmm.migration.qmpclient import QmpClient
+
+    client = await QmpClient.connect(src)
+    try:
+        return await body(client)
+    finally:
+        await client.aclose()
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    """``migrate SRC DST``: drive the source's QMP socket (migrate, then query-migrate)."""
+    from trivmm.errors import ConfigError, MigrationError
+    from trivmm.migration import parse_uri
+
+    try:
+        dst = parse_uri(args.dst).absolute()  # the source resolves paths from its own directory
+    except MigrationError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.downtime_ms is not None and args.downtime_ms < 0:
+        raise ConfigError("--downtime-ms must be 0 or more")
+    bandwidth = None if args.max_bandwidth is None else _parse_rate(args.max_bandwidth)
+
+    async def body(client: QmpClient) -> int:
+        status = (await client.execute("query-status"))["status"]
+        if status not in ("running", "paused", "postmigrate"):
+            raise TrivmmError(f"the source VM cannot be migrated in state '{status}'")
+        parameters: dict[str, Any] = {}
+        if args.downtime_ms is not None:
+            parameters["downtime-limit"] = args.downtime_ms
+        if bandwidth is not None:
+            parameters["max-bandwidth"] = bandwidth
+        if parameters:
+            await client.execute("migrate-set-parameters", parameters)
+        stopped = args.cold and status == "running"  # QMP's cold migration: stop, then migrate
+        try:
+            if stopped:
+                await client.execute("stop")
+            await client.execute("migrate", {"uri": str(dst)})
+            info = await _wait_for_migration(client, f"migrating to {dst}")
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                await client.execute("migrate_cancel")
+                if stopped:
+                    await client.execute("cont")
+            raise
+        if info.get("status") != "completed":
+            if stopped:
+                await client.execute("cont")
+            raise TrivmmError(f"migration to {dst} failed: {info.get('error-desc', info.get('status'))}")
+        ram = info.get("ram", {})
+        print(f"trivmm: migrated to {dst}: {ram.get('transferred', 0) / (1 << 20):.1f} MiB in "
+              f"{info.get('total-time', 0)} ms, {ram.get('dirty-sync-count', 0)} round(s), downtime "
+              f"{info.get('downtime', 0)} ms", file=sys.stderr)  # fmt: skip
+        if not args.keep_source:
+            await client.execute("quit")
+        return EXIT_OK
+
+    return anyio.run(_migration_command, args.src, body, backend="trio")
+
+
+def _snapshot(args: argparse.Namespace) -> int:
+    """``snapshot SRC FILE``: migrate to file:FILE through the source's QMP socket, then
+    let a guest that was running run on."""
+    target = f"file:{os.path.abspath(args.file)}"
+
+    async def body(client: QmpClient) -> int:
+        status = (await client.execute("query-status"))["status"]
+        if status not in ("running", "paused", "postmigrate"):
+            raise TrivmmError(f"the source VM cannot be snapshotted in state '{status}'")
+        await client.execute("migrate", {"uri": target})
+        info = await _wait_for_migration(client, f"writing {args.file}")
+        if info.get("status") != "completed":
+            raise TrivmmError(f"the snapshot failed: {info.get('error-desc', info.get('status'))}")
+        if status == "running":
+            await client.execute("cont")
+        ram = info.get("ram", {})
+        print(f"trivmm: wrote {args.file} ({ram.get('transferred', 0)} bytes; the guest was paused "
+              f"{info.get('downtime', 0)} ms)", file=sys.stderr)  # fmt: skip
+        return EXIT_OK
+
+    return anyio.run(_migration_command, args.src, body, backend="trio")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from trivmm.errors import ConfigError, TrivmmError
@@ -284,7 +607,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trivmm.kvm import KvmError, KvmUnavailable
 
     try:
-        return _run(args) if args.command == "run" else _guest(args)
+        commands = {"run": _run, "guest": _guest, "migrate": _migrate, "snapshot": _snapshot}
+        return commands[args.command](args)
     except KeyboardInterrupt:
         print("trivmm: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -296,5 +620,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TrivmmError, KvmError) as exc:
         if args.debug:
             raise
-        print(f"trivmm: VM failed: {exc}", file=sys.stderr)
+        what = "VM failed: " if args.command == "run" else ""  # migrate, snapshot: the reason says it
+        print(f"trivmm: {what}{exc}", file=sys.stderr)
         return EXIT_VM_FAILED

@@ -191,6 +191,29 @@ def _vsock(value: VsockConfig | None) -> VsockConfig | None:
     return value
 
 
+def _display(value: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    from trivmm.devices.display import check_display, parse_display
+
+    if value is None:
+        return None
+    try:
+        if isinstance(value, str):
+            return parse_display(value)
+        size = tuple(value)
+        if len(size) != 2 or not all(isinstance(side, int) for side in size):
+            raise ValueError(f"display takes (width, height) or 'WIDTHxHEIGHT', not {value!r}")
+        check_display((size[0], size[1]))
+        return (size[0], size[1])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _display_protocol(instance: VmConfig, attribute: object, value: tuple[int, int] | None) -> None:
+    if value is not None and instance.boot_protocol == "pvh":
+        raise ConfigError("a display is announced to Linux in the 64-bit boot protocol's zero page "
+                          "(screen_info); PVH has none: use boot protocol auto or linux64")  # fmt: skip
+
+
 def _nets(value: Iterable[NetConfig]) -> tuple[NetConfig, ...]:
     nets = tuple(value)
     if not all(isinstance(net, NetConfig) for net in nets):
@@ -217,6 +240,9 @@ class VmConfig:
     disks: tuple[DiskConfig, ...] = attrs.field(default=(), converter=_disks)
     net: tuple[NetConfig, ...] = attrs.field(default=(), converter=_nets)
     vsock: VsockConfig | None = attrs.field(default=None, converter=_vsock)
+    # A linear XRGB8888 framebuffer, (width, height) or "WIDTHxHEIGHT" (trivmm.devices.display);
+    # under boot protocol "auto" it makes a Linux kernel boot by linux64, which can announce it.
+    display: tuple[int, int] | None = attrs.field(default=None, converter=_display, validator=_display_protocol)
 
     def read_kernel(self) -> bytes:
         if self.kernel is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import mmap
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 
@@ -28,6 +29,7 @@ __all__ = ["GuestMemory", "MemoryRegion", "GuestMemoryError", "PAGE_SIZE"]
 
 PAGE_SIZE = 4096
 _U64_LIMIT = 1 << 64
+_MARKED = re.compile(rb"[^\x00]+")  # runs of pages marked in a vmm_dirty record
 # Scalars go through native-order word views (see GuestMemory.__init__); guest memory is
 # little-endian, and so must the host be.
 assert sys.byteorder == "little", "trivmm runs on little-endian (x86-64) hosts"
@@ -257,7 +259,11 @@ class GuestMemory:
 
     # --- the VMM's own dirty log ---------------------------------------------------------
     def take_vmm_dirty(self, region: MemoryRegion) -> bytes:
-        """Return and clear the per-page bytes of pages the VMM wrote in ``region``."""
-        snapshot = bytes(region.vmm_dirty)
-        region.vmm_dirty[:] = bytes(len(region.vmm_dirty))
+        """Return and clear the per-page bytes of pages the VMM wrote in ``region``. Other
+        threads mark pages meanwhile: only the pages in the returned copy are cleared (a
+        slice at a time), so a page marked while this runs is in the result or still marked."""
+        dirty = region.vmm_dirty
+        snapshot = bytes(dirty)
+        for run in _MARKED.finditer(snapshot):
+            dirty[run.start() : run.end()] = bytes(run.end() - run.start())
         return snapshot

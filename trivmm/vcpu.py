@@ -89,6 +89,7 @@ class VcpuRunner:
         self._parked = False  # in _service_request's pause wait (under _cond)
         self._request: _Request | None = None
         self._refresh = False
+        self._throttle = 0.0  # seconds to sleep outside the guest at the next kick (migration)
         # While the hooks are unsettled (e.g. a breakpoint they need is not armed yet),
         # refresh them at an exit too, at most once a millisecond and only on every 64th
         # exit: guest state they follow may change between two periodic refreshes, and a
@@ -120,6 +121,7 @@ class VcpuRunner:
 
     def request_pause(self) -> None:
         with self._cond:
+            self._cond.notify_all()  # ends a throttle sleep (_sleep_throttled) at once
             if self._request is None:
                 self._request = _Request.PAUSE
                 if self._parked:
@@ -138,6 +140,20 @@ class VcpuRunner:
         """Ask the thread to refresh its host-quirk hooks (``VcpuHooks.refresh``)."""
         self._refresh = True
         self._kick()
+
+    def request_throttle(self, seconds: float) -> None:
+        """Have the thread sleep ``seconds`` outside the guest, now: a migration's
+        auto-converge (trivmm.migration) slows a guest that dirties memory faster than the
+        link carries it. A stop or pause request ends the sleep early."""
+        self._throttle = seconds
+        self._kick()
+
+    def _sleep_throttled(self) -> None:
+        with self._cond:
+            deadline = monotonic() + self._throttle
+            self._throttle = 0.0
+            while self._request is None and (left := deadline - monotonic()) > 0:
+                self._cond.wait(left)
 
     # --- the thread -------------------------------------------------------------------
     def run(self) -> None:
@@ -216,6 +232,8 @@ class VcpuRunner:
                         self._refresh = False
                         hooks.refresh()
                         refresh_at_exits = not hooks.settled and monotonic() < refresh_until
+                    if self._throttle:
+                        self._sleep_throttled()  # a request made meanwhile kicked: the next KVM_RUN returns
                     continue
                 exits += 1
                 if refresh_at_exits and exits & 63 == 1 and monotonic() >= self._next_hook_refresh:

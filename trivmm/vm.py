@@ -60,7 +60,8 @@ from trivmm.cpu.quirks import vcpu_hooks
 from trivmm.cpu.setup import configure_vcpu, set_entry_state, vcpu_cpuid
 from trivmm.cpu.templates import CpuTemplate, get_template
 from trivmm.devices.acpi_pm import ACPI_PM_PORT, ACPI_PM_SIZE, AcpiPm
-from trivmm.devices.i8042 import I8042, I8042_DATA_PORT, KEYBOARD_IRQ
+from trivmm.devices.display import Display
+from trivmm.devices.i8042 import I8042, I8042_DATA_PORT, KEYBOARD_IRQ, MOUSE_IRQ
 from trivmm.devices.pci import GsiRouter, PciRoot
 from trivmm.devices.pvpanic import PVPANIC_PORT, PvPanic
 from trivmm.devices.rtc import RTC_PORT, CmosRtc
@@ -81,7 +82,8 @@ from trivmm.memory import GuestMemory
 from trivmm.vcpu import StopReason, VcpuRunner
 
 if TYPE_CHECKING:
-    from trivmm.migration import SnapshotInfo, SnapshotSource, SnapshotTarget
+    from trivmm.migration import Migration, MigrationInfo, SnapshotInfo, SnapshotSource, SnapshotTarget
+    from trivmm.migration.migrate import ProgressCallback
 
 __all__ = ["VM", "VmExit", "open_vm", "ConsoleOutput", "ConsoleInput", "CONSOLE_BUFFER_LIMIT",
            "CONSOLE_FLUSH_TIMEOUT"]  # fmt: skip
@@ -151,6 +153,8 @@ class VM:
         self.virtio_pci: list[VirtioPci] = []
         self.pci: PciRoot | None = None  # the PCI host bridge, when a device is on PCI
         self.virtio_devices: list[VirtioDevice] = []  # closed by close(), after their backends
+        self.display: Display | None = None  # the framebuffer (config.display): its own KVM slot
+        self.i8042: I8042 | None = None  # the keyboard controller: PS/2 keyboard and mouse input
         self._eventfds: list[EventFd] = []  # interrupt eventfds bound as irqfds
         try:
             self._build(kernel, initrd, self._console_buffer)
@@ -169,13 +173,18 @@ class VM:
         self.memory = memory = GuestMemory.from_ranges(ram_ranges(config.memory))
         for slot, region in enumerate(memory):
             vm.set_user_memory_region(slot, region.guest_base, region.size, region.host_address)
+        if config.display is not None:  # a slot of its own, dirty-logged (trivmm.devices.display)
+            self.display = Display(*config.display)
+            self.display.attach(vm)
         vm.setup_x86_platform()
 
         self.pio = AddressSpace("pio", PIO_LIMIT)
         self.mmio = AddressSpace("mmio", MMIO_LIMIT)
         self.serial = Serial(sink, functools.partial(self._irq_line, COM1_IRQ))
         self.pio.insert(COM1_PORT, 8, self.serial)
-        self.pio.insert(I8042_DATA_PORT, 5, I8042(self._reset, functools.partial(self._irq_line, KEYBOARD_IRQ)))
+        self.i8042 = I8042(self._reset, functools.partial(self._irq_line, KEYBOARD_IRQ),
+                           functools.partial(self._irq_line, MOUSE_IRQ))  # fmt: skip
+        self.pio.insert(I8042_DATA_PORT, 5, self.i8042)
         self.pio.insert(RTC_PORT, 2, CmosRtc())
         self.pio.insert(ACPI_PM_PORT, ACPI_PM_SIZE, AcpiPm(self._power_off, self._reset))
         self.pio.insert(PVPANIC_PORT, 1, PvPanic(self._panicked))
@@ -190,7 +199,8 @@ class VM:
         self.boot: BootEntry | None = None
         if kernel is not None:
             self.boot = load_kernel(memory, kernel, initrd=initrd, cmdline=self.cmdline, vcpus=config.vcpus,
-                                    protocol=config.boot_protocol, pci=pci, virtio_mmio=mmio_devices)  # fmt: skip
+                                    protocol=config.boot_protocol, pci=pci, virtio_mmio=mmio_devices,
+                                    screen=self.display.screen_info() if self.display else None)  # fmt: skip
         supported = self.kvm.supported_cpuid()
         for index in range(config.vcpus):
             vcpu = vm.create_vcpu(index)
@@ -299,7 +309,10 @@ class VM:
 
     @property
     def cmdline(self) -> str:
-        parts = [self.config.cmdline_base, *self.template.linux_cmdline, self.config.append]
+        # With a display, kernel messages go to its console too (tty0 first: the serial
+        # port, named last, stays /dev/console).
+        display = "console=tty0" if self.config.display is not None else ""
+        parts = [display, self.config.cmdline_base, *self.template.linux_cmdline, self.config.append]
         return " ".join(p for p in parts if p)
 
     def _irq_line(self, irq: int, level: bool) -> None:
@@ -532,6 +545,25 @@ class VM:
         return await restore_vm(source, config, console_output=console_output, console_input=console_input,
                                 kvm_path=kvm_path)  # fmt: skip
 
+    # --- migration (trivmm.migration, docs/migration.md) ----------------------------------
+    @functools.cached_property
+    def migration(self) -> Migration:
+        """The VM's migration engine: ``query()``, ``cancel()``, ``parameters``, ``resume()``
+        after a migration; the QMP server's ``MigrationControl``."""
+        from trivmm.migration import Migration
+
+        return Migration(self)
+
+    async def migrate(self, uri: str, *, cold: bool = False, downtime_ms: int | None = None,
+                      max_bandwidth: int | None = None,
+                      progress: ProgressCallback | None = None) -> MigrationInfo:  # fmt: skip
+        """Migrate the running guest to ``uri`` (``tcp:HOST:PORT`` or ``unix:PATH``, where a
+        destination waits; ``file:PATH``, a snapshot): hot (pre-copy) unless ``cold``.
+        Returns the outcome once the destination runs the guest; this VM then stays paused
+        ("postmigrate"). ``MigrationError`` if it fails: this VM then runs on as before."""
+        return await self.migration.run(uri, cold=cold, downtime_ms=downtime_ms, max_bandwidth=max_bandwidth,
+                                        progress=progress)  # fmt: skip
+
     # --- teardown -----------------------------------------------------------------------
     def close(self) -> None:
         """Release fds and memory. vCPU threads still running are stopped first; one that
@@ -568,6 +600,8 @@ class VM:
         for vcpu in self.vcpus:
             vcpu.close()  # those without a runner (a build that failed half-way)
         self.vcpus = []
+        if self.display is not None:
+            self.display.close()  # detached before the VM fd closes; a VNC server now sees black
         with self._lifecycle:
             if self.vm is not None:
                 self.vm.close()

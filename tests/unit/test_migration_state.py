@@ -21,7 +21,7 @@ from trivmm.cpu.fallback import EmulationFallback, SyscallCompleter
 from trivmm.cpu.paging import GuestView
 from trivmm.cpu.quirks import QuirkHooks
 from trivmm.devices.acpi_pm import AcpiPm, AcpiPmState
-from trivmm.devices.i8042 import I8042, I8042State
+from trivmm.devices.i8042 import I8042, I8042State, KeyboardState, MouseState
 from trivmm.devices.pci import PciFunction, PciRoot
 from trivmm.devices.pci.root import PciRootState
 from trivmm.devices.pvpanic import PvPanic, PvPanicState
@@ -197,14 +197,24 @@ def test_acpi_pm_and_pvpanic_states_survive_the_stream() -> None:
     assert through_the_stream(panic, PvPanicState, PvPanic(lambda: None)).crash_loaded == 1
 
 
+# The i8042's keyboard and mouse, as saved by a fresh model (the fields the documents below leave alone).
+_PS2 = {"aux_output": {"$b": ""}, "aux_line": False, "keyboard": json.loads(encode_state(KeyboardState())),
+        "mouse": json.loads(encode_state(MouseState()))}
+
+
 @pytest.mark.parametrize(("device", "state_type", "document", "message"), [
     (lambda: Serial(lambda b: None, lambda level: None), SerialState,
      {"ier": 0, "lcr": 3, "mcr": 8, "scr": 0, "fcr": 0, "dll": 12, "dlm": 0, "thre_pending": False,
       "rx": {"$b": "00" * 65}}, "more than 64"),
     (lambda: I8042(lambda: None, lambda level: None), I8042State,
-     {"ctr": 0, "status": 0, "output": {"$b": "00" * 17}, "pending_command": 0, "line": False}, "more than 16"),
+     {"ctr": 0, "status": 0, "output": {"$b": "00" * 17}, "pending_command": 0, "line": False, **_PS2},
+     "more than 16"),
     (lambda: I8042(lambda: None, lambda level: None), I8042State,
-     {"ctr": 0, "status": 0, "output": {"$b": ""}, "pending_command": 0xAA, "line": False}, "takes no data"),
+     {"ctr": 0, "status": 0, "output": {"$b": ""}, "pending_command": 0xAA, "line": False, **_PS2},
+     "takes no data"),
+    (lambda: I8042(lambda: None, lambda level: None), I8042State,
+     {"ctr": 0, "status": 0, "output": {"$b": ""}, "pending_command": 0, "line": False,
+      **{**_PS2, "keyboard": {**_PS2["keyboard"], "scancode_set": 3}}}, "keyboard state"),
     (lambda: CmosRtc(), RtcState, {"index": 0, "cmos": {"$b": "00"}}, "1 bytes"),
     (lambda: AcpiPm(lambda: None, lambda: None), AcpiPmState, {"registers": {"$b": "00"}}, "not 8"),
     (lambda: PvPanic(lambda: None), PvPanicState, {"crash_loaded": -1}, "negative"),

@@ -204,8 +204,8 @@ def test_header_errors_say_what_is_wrong() -> None:
         decode_stream(b"NOTASNAP" + SMALL[8:])
     with pytest.raises(MigrationError, match="bad magic"):
         decode_stream(b"X")
-    with pytest.raises(MigrationError, match="version 2 is not supported"):
-        decode_stream(struct.pack("<8sII", MAGIC, 2, 0) + SMALL[16:])
+    with pytest.raises(MigrationError, match="version 3 is not supported"):
+        decode_stream(struct.pack("<8sII", MAGIC, 3, 0) + SMALL[16:])
     with pytest.raises(MigrationError, match="unknown flags"):
         decode_stream(struct.pack("<8sII", MAGIC, 1, 4) + SMALL[16:])
     with pytest.raises(MigrationError, match="before its header"):

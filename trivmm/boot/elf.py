@@ -47,6 +47,7 @@ class ElfImage:
     entry: int
     segments: tuple[ElfSegment, ...]
     pvh_entry: int | None
+    linux: bool = False  # it has an ELF note owned by "Linux": a Linux vmlinux
 
     @property
     def end(self) -> int:
@@ -78,6 +79,7 @@ class ElfImage:
             raise KernelImageError("ELF program header table is missing or runs past the file")
         segments: list[ElfSegment] = []
         pvh_entry = None
+        linux = False
         load_bytes = note_bytes = 0
         for i in range(phnum):
             p_type, _, offset, _, paddr, filesz, memsz, _ = _PHDR.unpack_from(image, phoff + i * phentsize)
@@ -94,10 +96,12 @@ class ElfImage:
                 note_bytes += filesz
                 if note_bytes > len(image):
                     raise KernelImageError(f"ELF note segments overlap in the file (segment {i})")
-                pvh_entry = _find_pvh_note(image[offset : offset + filesz]) or pvh_entry
+                notes = image[offset : offset + filesz]
+                pvh_entry = _find_pvh_note(notes) or pvh_entry
+                linux = linux or _has_owner(notes, b"Linux")
         if not segments:
             raise KernelImageError("ELF file has no loadable segment")
-        return cls(entry, tuple(segments), pvh_entry)
+        return cls(entry, tuple(segments), pvh_entry, linux)
 
 
 def _find_pvh_note(notes: bytes) -> int | None:
@@ -115,3 +119,15 @@ def _find_pvh_note(notes: bytes) -> int | None:
             return int.from_bytes(notes[desc_start:desc_end], "little")
         pos = desc_start + (descsz + 3) // 4 * 4
     return None
+
+
+def _has_owner(notes: bytes, owner: bytes) -> bool:
+    """Whether a note in ``notes`` (checked by ``_find_pvh_note`` already) is ``owner``'s."""
+    pos = 0
+    while pos + _NHDR.size <= len(notes):
+        namesz, descsz, _ = _NHDR.unpack_from(notes, pos)
+        name_start = pos + _NHDR.size
+        if notes[name_start : name_start + namesz].rstrip(b"\0") == owner:
+            return True
+        pos = name_start + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False

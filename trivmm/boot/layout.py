@@ -7,7 +7,10 @@ The MMIO gap (3 GiB .. 4 GiB) when the VM has PCI (``PciLayout``)::
     0xE000_0000 .. 0xE010_0000  PCI ECAM for bus 0 (1 MiB: 32 devices x 8 functions x 4 KiB),
                                 in MCFG and reserved by a PNP0C02 device in the DSDT;
                                 0xE010_0000 .. 0xF000_0000 kept free for more buses' ECAM
-    0xF000_0000 .. 0xFEC0_0000  free: non-PCI platform MMIO devices
+    0xF000_0000 .. 0xF400_0000  non-PCI platform MMIO devices (virtio-mmio slots from 0xF000_0000)
+    0xF400_0000 .. 0xFC00_0000  the display's linear framebuffer (trivmm.devices.display), a
+                                RAM-like KVM memory slot of its own, up to 128 MiB
+    0xFC00_0000 .. 0xFEC0_0000  free
     0xFEC0_0000                 IOAPIC;  0xFEE0_0000 LAPIC;  0xFFFB_C000 KVM's TSS/identity map
 
 ECAM at 0xE000_0000 (not QEMU q35's 0xB000_0000, which sits below q35's variable RAM
@@ -29,7 +32,8 @@ __all__ = ["GDT", "IDT", "PVH_START_INFO", "PVH_MEMMAP", "PVH_MODLIST", "ZERO_PA
            "IOAPIC_ADDRESS", "LAPIC_ADDRESS", "MIN_MEMORY", "ram_ranges",
            "VIRTIO_MMIO_BASE", "VIRTIO_MMIO_SLOT", "VIRTIO_MMIO_GSIS",
            "PCI_ECAM_BASE", "PCI_MMIO32_BASE", "PCI_MMIO32_SIZE", "PCI_IO_BASE", "PCI_IO_SIZE",
-           "PCI_MMIO64_SIZE", "PCI_MMIO64_ALIGN", "PCI_INTX_GSIS", "PciLayout", "pci_layout"]  # fmt: skip
+           "PCI_MMIO64_SIZE", "PCI_MMIO64_ALIGN", "PCI_INTX_GSIS", "PciLayout", "pci_layout",
+           "FRAMEBUFFER_BASE", "FRAMEBUFFER_LIMIT"]  # fmt: skip
 
 GDT = 0x500
 IDT = 0x520
@@ -118,3 +122,9 @@ def pci_layout(memory_size: int) -> PciLayout:
 VIRTIO_MMIO_BASE = 0xF000_0000
 VIRTIO_MMIO_SLOT = 0x1000
 VIRTIO_MMIO_GSIS = (20, 21, 22, 23, 5, 6, 7, 10, 11)
+
+# The display's framebuffer (trivmm.devices.display): outside PCI's windows (so no BAR the
+# guest assigns can land on it) and below the IOAPIC, as a GOP framebuffer an EFI loader
+# announces; Linux learns of it from screen_info only.
+FRAMEBUFFER_BASE = 0xF400_0000
+FRAMEBUFFER_LIMIT = 0xFC00_0000

@@ -16,6 +16,11 @@ Three ways in, one entry state each:
   or a kernel without the note, boots by ``linux64`` under ``auto`` and is refused under
   ``pvh``. ``BootEntry.unpacked`` says which happened.
 
+A display (``screen``: ``trivmm.boot.screen_info``) is announced in the zero page's
+``screen_info``, which only ``linux64`` has: under ``auto`` a display makes a Linux kernel
+(a bzImage, unpacked by trivmm all the same, or an ELF vmlinux with Linux's ELF notes) boot
+by ``linux64`` through its 64-bit entry rather than PVH.
+
 All of them get the same MP table and ACPI tables. Every size and address that comes from
 the files is checked before it is used; a bad image is a ``KernelImageError``.
 """
@@ -36,6 +41,7 @@ from trivmm.boot.e820 import E820Entry, memory_map
 from trivmm.boot.elf import ElfImage
 from trivmm.boot.layout import PciLayout
 from trivmm.boot.mptable import build_mptable
+from trivmm.boot.screen_info import ScreenInfo
 from trivmm.memory import GuestMemory, GuestMemoryError
 
 __all__ = ["BootProtocol", "BootEntry", "check_kernel", "load_kernel", "KernelImageError"]
@@ -171,8 +177,11 @@ def _cmdline_bytes(cmdline: str, limit: int) -> bytes:
 
 
 def _zero_page(setup_raw: bytes, cmdline_size: int, initrd: tuple[int, int] | None,
-               e820: tuple[E820Entry, ...], rsdp: int) -> bytes:  # fmt: skip
+               e820: tuple[E820Entry, ...], rsdp: int, screen: ScreenInfo | None = None) -> bytes:  # fmt: skip
     page = bytearray(_PAGE)
+    if screen is not None:
+        info = screen.pack()
+        page[: len(info)] = info  # struct screen_info opens boot_params
     page[0x1F1 : 0x1F1 + len(setup_raw)] = setup_raw
     struct.pack_into("<B", page, 0x210, _LOADER_TYPE_UNDEFINED)  # type_of_loader
     struct.pack_into("<I", page, 0x228, layout.CMDLINE)  # cmd_line_ptr
@@ -239,9 +248,10 @@ def check_kernel(kernel: bytes) -> None:
         raise KernelImageError(f"not a bzImage or an ELF vmlinux: {exc}") from None
 
 
-def _unpack_bzimage(kernel: bytes, *, required: bool) -> tuple[ElfImage, str] | None:
-    """The vmlinux inside a bzImage and its payload's compression, when it has a PVH entry;
-    else None, or -- ``required`` -- a ``KernelImageError`` that says why not."""
+def _unpack_bzimage(kernel: bytes, *, required: bool, need_pvh: bool = True) -> tuple[ElfImage, str] | None:
+    """The vmlinux inside a bzImage and its payload's compression, when it has a PVH entry
+    (or ``need_pvh`` is false); else None, or -- ``required`` -- a ``KernelImageError`` that
+    says why not."""
     try:
         compression = payload_compression(kernel)
         elf = ElfImage.parse(extract_vmlinux(kernel))
@@ -250,7 +260,7 @@ def _unpack_bzimage(kernel: bytes, *, required: bool) -> tuple[ElfImage, str] | 
             raise KernelImageError(f"PVH entry into a bzImage needs its payload unpacked: {exc}") from None
         _log.info("bzImage payload not unpacked (%s): entering by the 64-bit boot protocol", exc)
         return None
-    if elf.pvh_entry is None:
+    if elf.pvh_entry is None and need_pvh:
         if required:
             raise KernelImageError("the bzImage's vmlinux has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")
         _log.info("bzImage's vmlinux has no PVH entry note: entering by the 64-bit boot protocol")
@@ -260,11 +270,15 @@ def _unpack_bzimage(kernel: bytes, *, required: bool) -> tuple[ElfImage, str] | 
 
 def load_kernel(memory: GuestMemory, kernel: bytes, *, initrd: bytes | None = None,
                 cmdline: str = "", vcpus: int = 1, protocol: str = "auto", pci: PciLayout | None = None,
-                virtio_mmio: tuple[tuple[int, int, int], ...] = ()) -> BootEntry:  # fmt: skip
+                virtio_mmio: tuple[tuple[int, int, int], ...] = (),
+                screen: ScreenInfo | None = None) -> BootEntry:  # fmt: skip
     """Lay out the kernel and everything it is booted with; return the BSP's entry state.
-    ``pci`` and ``virtio_mmio`` ((base, size, gsi) each) are announced in the ACPI tables."""
+    ``pci`` and ``virtio_mmio`` ((base, size, gsi) each) are announced in the ACPI tables,
+    ``screen`` (a framebuffer) in the zero page."""
     if protocol not in ("auto", "linux64", "pvh"):
         raise ValueError(f"unknown boot protocol {protocol!r} (auto, linux64, pvh)")
+    # A display needs the zero page: under auto, Linux is entered by linux64 (see the docstring).
+    linux64_for_linux = screen is not None and protocol == "auto"
     elf: ElfImage | None = None
     header: SetupHeader | None = None
     unpacked: str | None = None
@@ -276,13 +290,15 @@ def load_kernel(memory: GuestMemory, kernel: bytes, *, initrd: bytes | None = No
         except KernelImageError as exc:
             raise KernelImageError(f"not a bzImage or an ELF vmlinux: {exc}") from None
         if protocol != "linux64":
-            found = _unpack_bzimage(kernel, required=protocol == "pvh")
+            found = _unpack_bzimage(kernel, required=protocol == "pvh", need_pvh=not linux64_for_linux)
             if found is not None:
                 elf, unpacked = found
     if elf is not None:
         if protocol == "pvh" and elf.pvh_entry is None:
             raise KernelImageError("kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")
-        mode = BootProtocol.PVH if protocol != "linux64" and elf.pvh_entry is not None else BootProtocol.LINUX64
+        linux = elf.linux or header is not None  # a vmlinux, or one unpacked from a bzImage
+        pvh = protocol != "linux64" and elf.pvh_entry is not None and not (linux64_for_linux and linux)
+        mode = BootProtocol.PVH if pvh else BootProtocol.LINUX64
         if mode is BootProtocol.PVH and elf.pvh_entry is not None and elf.pvh_entry >= _PVH_ENTRY_LIMIT:
             raise KernelImageError(f"PVH entry {elf.pvh_entry:#x} is not a 32-bit address")
         _check_segments_fit(memory, elf)
@@ -327,10 +343,12 @@ def load_kernel(memory: GuestMemory, kernel: bytes, *, initrd: bytes | None = No
         placed = (_place_initrd(memory, initrd, kernel_end, addr_max), len(initrd))
 
     if mode is BootProtocol.PVH:
+        if screen is not None:
+            _log.warning("the display is not announced: PVH entry has no screen_info (boot by linux64 for it)")
         _hvm_start_info(memory, len(cmd) - 1, placed, e820, pvh_memmap, acpi.rsdp_address)
         boot_info = layout.PVH_START_INFO
     else:
-        memory.write(layout.ZERO_PAGE, _zero_page(setup_raw, len(cmd) - 1, placed, e820, acpi.rsdp_address))
+        memory.write(layout.ZERO_PAGE, _zero_page(setup_raw, len(cmd) - 1, placed, e820, acpi.rsdp_address, screen))
         boot_info = layout.ZERO_PAGE
     assert entry is not None
     return BootEntry(mode, entry, boot_info, kernel_end, placed, unpacked)

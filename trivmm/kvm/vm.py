@@ -87,14 +87,22 @@ class Vm(FdObject):
         self.ioctl("KVM_GET_DIRTY_LOG", log)
         return bytes(ffi.buffer(bitmap, nwords * 8))
 
-    def clear_dirty_log(self, slot: int, first_page: int, bitmap: bytes) -> None:
-        """KVM_CLEAR_DIRTY_LOG (needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled)."""
+    def clear_dirty_log(self, slot: int, first_page: int, bitmap: bytes, num_pages: int | None = None) -> None:
+        """KVM_CLEAR_DIRTY_LOG (needs KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled): re-protect
+        the pages set in ``bitmap``. ``num_pages`` (default: the bitmap's bits) must be a
+        multiple of 64 unless it reaches the slot's end, and ``first_page`` a multiple of 64."""
         buf = ffi.from_buffer(bitmap)
         log = ffi.new("struct kvm_clear_dirty_log *", {
-            "slot": slot, "num_pages": len(bitmap) * 8, "first_page": first_page,
-            "dirty_bitmap": buf,
+            "slot": slot, "num_pages": len(bitmap) * 8 if num_pages is None else num_pages,
+            "first_page": first_page, "dirty_bitmap": buf,
         })  # fmt: skip
         self.ioctl("KVM_CLEAR_DIRTY_LOG", log)
+
+    def enable_cap(self, cap: Cap, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on the VM (e.g. MANUAL_DIRTY_LOG_PROTECT2 with its option bits)."""
+        self.ioctl("KVM_ENABLE_CAP", ffi.new("struct kvm_enable_cap *", {
+            "cap": cap, "flags": flags, "args": [*args, 0, 0, 0, 0][:4],
+        }))  # fmt: skip
 
     # --- platform -----------------------------------------------------------------------
     def setup_x86_platform(self) -> None:

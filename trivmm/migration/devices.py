@@ -122,6 +122,8 @@ def vm_devices(vm: VM) -> DeviceSet:
         _add_virtio(providers, refused, f"virtio-mmio{index}", transport, "virtio-mmio transport")
     for index, function in enumerate(vm.virtio_pci):
         _add_virtio(providers, refused, f"virtio-pci{index}", function, "virtio-pci transport")
+    if getattr(vm, "display", None) is not None:
+        refused["display"] = "the framebuffer (--display) is not saved yet"
     for space in (vm.pio, vm.mmio):
         for bus_range in space.ranges:
             if id(bus_range.device) not in owned:

@@ -23,7 +23,7 @@ import mmap
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,6 +53,7 @@ from trivmm.migration.state import (
 )
 from trivmm.migration.stream import (
     PAGE_SIZE,
+    VERSION,
     ByteSink,
     ByteSource,
     FileSink,
@@ -216,7 +217,8 @@ def _refuse_unsaveable(devices: DeviceSet) -> None:
 async def snapshot_vm(vm: VM, target: SnapshotTarget, *, resume: bool = True) -> SnapshotInfo:
     """Write ``vm``'s complete state to ``target`` (a path, or a ``ByteSink`` such as an
     anyio byte stream). The vCPUs are paused for it; a guest that was running runs on after
-    (``resume=False`` leaves it paused). Refused, before anything is paused, for a VM with a
+    (``resume=False`` leaves it paused, once the snapshot is complete: a failed one always
+    resumes a guest that was running). Refused, before anything is paused, for a VM with a
     device that cannot be saved yet."""
     if vm.vm is None or vm.memory is None:
         raise MigrationError("the VM is closed")
@@ -230,13 +232,13 @@ async def snapshot_vm(vm: VM, target: SnapshotTarget, *, resume: bool = True) ->
     paused_for: float | None = None
     quiesced: list[Quiescent] = []
 
-    async def release_guest() -> None:  # once: as soon as the stream is written, or on failure
+    async def release_guest(*, failed: bool = False) -> None:  # once: when the stream is written, or on failure
         nonlocal paused_for
         if paused_for is None:
             paused_for = time.monotonic() - paused_at
             for provider in reversed(quiesced):
                 provider.resume_after_snapshot()
-            if resume and not was_paused:
+            if (resume or failed) and not was_paused and vm.vm is not None:  # a failure never leaves it paused
                 with anyio.CancelScope(shield=True):
                     await vm.resume()
 
@@ -263,7 +265,7 @@ async def snapshot_vm(vm: VM, target: SnapshotTarget, *, resume: bool = True) ->
     except ValueError as exc:  # a section the stream cannot carry (encode_section)
         raise MigrationError(f"the VM's state does not fit the stream: {exc}") from None
     finally:
-        await release_guest()
+        await release_guest(failed=True)  # a no-op once released after the write
 
 
 def _capture(vm: VM, devices: DeviceSet) -> list[tuple[str, bytes]]:
@@ -348,10 +350,12 @@ def _discard(file: object, partial: str) -> None:
 
 
 async def restore_vm(source: SnapshotSource, config: VmConfig | None = None, *, console_output: ConsoleOutput = None,
-                     console_input: ConsoleInput = None, kvm_path: str = "/dev/kvm") -> VM:  # fmt: skip
+                     console_input: ConsoleInput = None, kvm_path: str = "/dev/kvm",
+                     adapt: Callable[[VmConfig], VmConfig] | None = None) -> VM:  # fmt: skip
     """A VM built from the snapshot or stream ``source``, its state applied, ready to
-    ``run()`` on from where the source stopped. ``config`` (None: the snapshot's own) must
-    have the source's shape -- memory, vCPUs, CPU template, devices -- or this raises
+    ``run()`` on from where the source stopped. ``config`` (None: the snapshot's own,
+    passed through ``adapt`` if given -- e.g. a destination's own disk paths) must have the
+    source's shape -- memory, vCPUs, CPU template, devices -- or this raises
     ``MigrationError``, as it does for any problem with the stream; the VM built so far is
     then closed."""
     from trivmm.vm import VM
@@ -364,6 +368,11 @@ async def restore_vm(source: SnapshotSource, config: VmConfig | None = None, *, 
         saved = _decode_config(first.payload)
         if config is None:
             config = saved.vm_config()
+            if adapt is not None:
+                try:
+                    config = adapt(config)
+                except (ConfigError, TypeError, ValueError) as exc:
+                    raise MigrationError(f"the destination's configuration is not valid: {exc}") from None
         saved.check(config)
         build = functools.partial(VM, config, console_output=console_output, console_input=console_input,
                                   kvm_path=kvm_path, incoming=True)  # fmt: skip
@@ -413,7 +422,7 @@ async def _receive(vm: VM, saved: SavedConfig, reader: StreamReader) -> None:
         if section.kind is SectionKind.END:
             break
         if section.kind is SectionKind.MEMORY:
-            run = decode_run(section.payload)
+            run = decode_run(section.payload, reader.version or VERSION)
             memory.check(run)
             await memory.write(run)
         elif section.kind is SectionKind.STATE:
@@ -458,7 +467,8 @@ def _apply(vm: VM, devices: DeviceSet, states: dict[str, bytes], vcpus: dict[str
 
 class _MemoryReceiver:
     """Checks each run against the VM's slots -- in order, no gaps, no overlaps, inside
-    the slot -- and writes it into guest memory."""
+    the slot -- and writes it into guest memory. A RESEND run (stream version 2) may
+    replace any pages the first pass has already covered."""
 
     def __init__(self, memory: GuestMemory) -> None:
         self._regions = list(memory)
@@ -468,6 +478,11 @@ class _MemoryReceiver:
         if run.slot >= len(self._regions):
             raise MigrationError(f"memory run for slot {run.slot}; this VM has {len(self._regions)} slots")
         region, expected = self._regions[run.slot], self._next[run.slot]
+        if run.resend:
+            if run.first_page + run.pages > expected:
+                raise MigrationError(f"memory run resends pages {run.first_page}..{run.first_page + run.pages - 1} "
+                                     f"of slot {run.slot}, of which only pages below {expected} were sent")  # fmt: skip
+            return
         if run.first_page != expected:
             raise MigrationError(f"memory run at page {run.first_page} of slot {run.slot}, where page {expected} "
                                  "was due (pages missing, repeated or out of order)")  # fmt: skip
@@ -482,7 +497,8 @@ class _MemoryReceiver:
             region.mapping.madvise(mmap.MADV_DONTNEED, start, length)
         else:
             await anyio.to_thread.run_sync(_copy_into, region.mapping, start, run.data)
-        self._next[run.slot] += run.pages
+        if not run.resend:
+            self._next[run.slot] += run.pages
 
     def check_complete(self) -> None:
         short = [f"slot {slot}: {done} of {region.pages} pages"

@@ -14,6 +14,11 @@ costs an error, never memory or time). Memory travels in MEMORY sections, one ru
 pages each (``MemoryRun``): a slot, a first page, a page count, and the pages' bytes -- or
 no bytes at all for a run of zero pages.
 
+Version 1 carries every page exactly once, in order (a snapshot, a cold migration). Version 2
+(hot migration, ``HOT_VERSION``) adds runs flagged RESEND: pages sent before, sent again
+because the guest wrote them meanwhile; such a run replaces what its pages held, and may
+come in any order once the first, complete pass over a slot has covered them.
+
 ``StreamDecoder`` is the parser without I/O (fed bytes, it hands out sections);
 ``StreamReader`` and ``StreamWriter`` put it on an anyio byte stream or a file
 (``FileSource``/``FileSink``, which do their I/O on worker threads). ``decode_stream`` is the
@@ -36,15 +41,16 @@ import attrs
 
 from trivmm.errors import MigrationError
 
-__all__ = ["MAGIC", "VERSION", "SUPPORTED_VERSIONS", "PAGE_SIZE", "MAX_RUN_PAGES", "MAX_NAME",
+__all__ = ["MAGIC", "VERSION", "HOT_VERSION", "SUPPORTED_VERSIONS", "PAGE_SIZE", "MAX_RUN_PAGES", "MAX_NAME",
            "PAYLOAD_LIMITS", "SectionKind", "Section", "MemoryRun", "StreamDecoder", "StreamReader",
            "StreamWriter", "ByteSink", "ByteSource", "FileSink", "FileSource", "encode_header",
            "encode_section", "section_parts", "encode_run", "run_parts", "decode_run", "page_runs",
-           "decode_stream"]  # fmt: skip
+           "decode_stream", "describe_io_error"]  # fmt: skip
 
 MAGIC = b"TRIVMMVM"
-VERSION = 1
-SUPPORTED_VERSIONS = frozenset({1})
+VERSION = 1  # what snapshots and cold migrations write: every page once, in order
+HOT_VERSION = 2  # hot migration: version 1 plus RESEND runs (pages sent again)
+SUPPORTED_VERSIONS = frozenset({VERSION, HOT_VERSION})
 PAGE_SIZE = 4096
 MAX_RUN_PAGES = 512  # pages of data in one MEMORY section (2 MiB); zero runs may be longer
 MAX_ZERO_RUN_PAGES = (1 << 32) - 1
@@ -54,6 +60,7 @@ _FRAME = struct.Struct("<IBBHI")
 _CRC = struct.Struct("<I")
 _RUN = struct.Struct("<IIQI")  # slot, flags, first page, page count
 _RUN_ZERO = 0x1
+_RUN_RESEND = 0x2  # version 2: pages sent before; this run replaces them
 _NAME = re.compile(r"[A-Za-z0-9._:/-]*\Z")
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _SCAN_PAGES = 64  # pages compared at once while looking for zero pages
@@ -118,51 +125,57 @@ def encode_section(sequence: int, kind: SectionKind, name: str, payload: bytes) 
 @attrs.frozen
 class MemoryRun:
     """Pages ``first_page .. first_page + pages - 1`` of memory slot ``slot``: their bytes,
-    or None when they are all zero."""
+    or None when they are all zero. ``resend`` (stream version 2): the pages were sent
+    before and this run replaces them."""
 
     slot: int
     first_page: int
     pages: int
     data: bytes | None = attrs.field(default=None, repr=lambda d: "zero" if d is None else f"<{len(d)} bytes>")
+    resend: bool = False
 
 
 def run_parts(run: MemoryRun) -> list[bytes]:
     """A MEMORY section's payload as its header and its data (not copied)."""
+    resend = _RUN_RESEND if run.resend else 0
     if run.data is None:
-        return [_RUN.pack(run.slot, _RUN_ZERO, run.first_page, run.pages)]
+        return [_RUN.pack(run.slot, _RUN_ZERO | resend, run.first_page, run.pages)]
     if len(run.data) != run.pages * PAGE_SIZE:
         raise ValueError("a run's data must be its pages")
-    return [_RUN.pack(run.slot, 0, run.first_page, run.pages), run.data]
+    return [_RUN.pack(run.slot, resend, run.first_page, run.pages), run.data]
 
 
 def encode_run(run: MemoryRun) -> bytes:
     return b"".join(run_parts(run))
 
 
-def decode_run(payload: bytes) -> MemoryRun:
-    """A MEMORY section's run, its lengths checked (not yet against a VM's slots)."""
+def decode_run(payload: bytes, version: int = VERSION) -> MemoryRun:
+    """A MEMORY section's run in a stream of format ``version``, its lengths checked (not
+    yet against a VM's slots)."""
     if len(payload) < _RUN.size:
         raise MigrationError(f"memory section of {len(payload)} bytes is shorter than its {_RUN.size}-byte header")
     slot, flags, first_page, pages = _RUN.unpack_from(payload)
-    if flags & ~_RUN_ZERO:
+    known = _RUN_ZERO | _RUN_RESEND if version >= HOT_VERSION else _RUN_ZERO
+    if flags & ~known:
         raise MigrationError(f"memory section with unknown flags {flags:#x}")
+    resend = bool(flags & _RUN_RESEND)
     if pages == 0:
         raise MigrationError("memory section with no pages")
     data_length = len(payload) - _RUN.size
     if flags & _RUN_ZERO:
         if data_length:
             raise MigrationError("a zero-page memory section carries data")
-        return MemoryRun(slot, first_page, pages)
+        return MemoryRun(slot, first_page, pages, resend=resend)
     if pages > MAX_RUN_PAGES or data_length != pages * PAGE_SIZE:
         raise MigrationError(f"memory section of {pages} pages carries {data_length} bytes")
-    return MemoryRun(slot, first_page, pages, payload[_RUN.size :])
+    return MemoryRun(slot, first_page, pages, payload[_RUN.size :], resend)
 
 
 def page_runs(mapping: mmap.mmap | bytes, slot: int, first_page: int = 0,
-              pages: int | None = None) -> Iterator[MemoryRun]:  # fmt: skip
+              pages: int | None = None, *, resend: bool = False) -> Iterator[MemoryRun]:  # fmt: skip
     """The runs that carry pages ``first_page ..`` of ``mapping`` (a slot's memory), in
     order: zero pages merged into zero runs, the others into runs of at most
-    ``MAX_RUN_PAGES``."""
+    ``MAX_RUN_PAGES`` (``resend``: flagged as pages sent again)."""
     total = len(mapping) // PAGE_SIZE if pages is None else pages
     end = first_page + total
     run_start, run_zero = first_page, True
@@ -172,9 +185,10 @@ def page_runs(mapping: mmap.mmap | bytes, slot: int, first_page: int = 0,
         if upto == run_start:
             return
         if run_zero:
-            yield MemoryRun(slot, run_start, upto - run_start)
+            yield MemoryRun(slot, run_start, upto - run_start, resend=resend)
         else:
-            yield MemoryRun(slot, run_start, upto - run_start, mapping[run_start * PAGE_SIZE : upto * PAGE_SIZE])
+            data = mapping[run_start * PAGE_SIZE : upto * PAGE_SIZE]
+            yield MemoryRun(slot, run_start, upto - run_start, data, resend)
 
     while page < end:
         count = min(_SCAN_PAGES, end - page)
@@ -284,6 +298,21 @@ def decode_stream(data: bytes) -> list[Section]:
     return sections
 
 
+def describe_io_error(exc: BaseException) -> str:
+    """A few words for a failed read or write: the OS's reason where there is one (anyio's
+    BrokenResourceError carries it as its cause)."""
+    for error in (exc, exc.__cause__):
+        if isinstance(error, OSError) and error.strerror:
+            return error.strerror
+    if str(exc):
+        return str(exc)
+    if isinstance(exc, anyio.BrokenResourceError):
+        return "the connection broke"
+    if isinstance(exc, anyio.ClosedResourceError):
+        return "the connection was closed"
+    return type(exc).__name__
+
+
 class ByteSource(Protocol):
     """What ``StreamReader`` reads from: an anyio ``ByteReceiveStream`` is one."""
 
@@ -332,7 +361,7 @@ class StreamReader:
         except anyio.EndOfStream:
             return b""
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
-            raise MigrationError(f"reading the stream failed: {exc or type(exc).__name__}") from exc
+            raise MigrationError(f"reading the stream failed: {describe_io_error(exc)}") from exc
         self.bytes_read += len(data)
         return data
 
@@ -368,7 +397,7 @@ class StreamWriter:
         try:
             await self._sink.send(data)
         except (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
-            raise MigrationError(f"writing the stream failed: {exc or type(exc).__name__}") from exc
+            raise MigrationError(f"writing the stream failed: {describe_io_error(exc)}") from exc
         self.bytes_written += len(data)
 
 

@@ -33,6 +33,7 @@ import anyio.abc
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from trivmm._unix_sockets import make_room_for_socket
 from trivmm.devices.acpi_pm import ACPI_PM_PORT, RESET_OFFSET, RESET_VALUE, AcpiPm
 from trivmm.errors import ConfigError, TrivmmError, VmError
 from trivmm.kvm import KvmError
@@ -579,7 +580,7 @@ def _version() -> dict[str, Any]:
 def _listen_unix(path: str) -> tuple[socket.socket, tuple[int, int]]:
     """A listening unix socket at ``path``, mode 0600 before anyone can connect (it is
     chmod-ed between bind() and listen(): connecting before listen() is refused)."""
-    _make_room(path)
+    make_room_for_socket(path, "QMP socket")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.bind(path)
@@ -598,26 +599,3 @@ def _listen_unix(path: str) -> tuple[socket.socket, tuple[int, int]]:
     return sock, (st.st_dev, st.st_ino)
 
 
-def _make_room(path: str) -> None:
-    """Nothing at ``path``, or a socket nobody listens on (removed); else ``ConfigError``."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise ConfigError(f"QMP socket: cannot use {path}: {exc.strerror}") from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"QMP socket: {path} exists and is not a socket (not replaced)")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)  # a socket file left behind by a process that is gone
-        return
-    except BlockingIOError:
-        pass  # a full backlog: someone listens
-    except OSError as exc:
-        raise ConfigError(f"QMP socket: cannot use {path}: {exc.strerror}") from None
-    finally:
-        probe.close()
-    raise ConfigError(f"QMP socket: {path} is in use: another process listens there")

@@ -68,7 +68,6 @@ import logging
 import os
 import re
 import socket
-import stat
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -78,6 +77,7 @@ import anyio.abc
 import anyio.lowlevel
 import attrs
 
+from trivmm._unix_sockets import make_room_for_socket
 from trivmm.devices.virtio.device import Activation, DeviceState, DeviceType, VirtioDevice
 from trivmm.devices.virtio.queue import DescriptorChain, VirtqueueError
 from trivmm.errors import ConfigError
@@ -251,7 +251,7 @@ class VsockDevice(VirtioDevice):
     # --- the listening socket (the VM's lifetime) ------------------------------------------
     def _listen(self) -> None:
         path = self.uds_path
-        _remove_stale_socket(path)
+        make_room_for_socket(path, "vsock")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             sock.bind(path)
@@ -352,31 +352,6 @@ class VsockDevice(VirtioDevice):
             self._next_port = port + 1 if port + 1 < _U32 else LOCAL_PORT_BASE
             if (port, peer_port) not in taken:
                 return port
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Make room at ``path``: nothing there, or a socket nobody listens on (removed)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise ConfigError(f"vsock: cannot use {path}: {exc.strerror}") from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"vsock: {path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)  # a socket file left behind by a process that is gone
-        return
-    except BlockingIOError:
-        pass  # a full backlog: someone listens
-    except OSError as exc:
-        raise ConfigError(f"vsock: cannot use {path}: {exc.strerror}") from None
-    finally:
-        probe.close()
-    raise ConfigError(f"vsock: {path} is in use: another process listens there")
 
 
 class _Session:
