@@ -5,6 +5,7 @@
     python -m bench --blk-only      only bench/virtio_blk.py (python -m bench.virtio_blk)
     python -m bench --density-only  only bench/density.py (python -m bench.density)
     python -m bench --display-only  only bench/display.py (python -m bench.display)
+    python -m bench --migration-only  only bench/migration.py (python -m bench.migration)
 
 1. PIO exit cost, one 32-bit `out` loop answered three ways, alternating in every round:
    - the C floor: ../shared/tools/kvm_exit_floor.c (compiled on the fly), a C loop that
@@ -41,6 +42,9 @@
    (bench/virtio_blk.py, whose docstring says how).
 5. Density: tiny VMs per second, per MiB, per process (bench/density.py).
 6. Display: the VNC server's CPU for an idle and a busy screen (bench/display.py).
+7. Migration: a 1 GiB guest dirtying 16 MiB/s migrated hot over loopback TCP, against the
+   loopback's own rate and QEMU's migration of the same guest; a 512 MiB snapshot's restore
+   (bench/migration.py).
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ from pathlib import Path
 
 import trio
 
-from bench import density, display, virtio_blk
+from bench import density, display, migration, virtio_blk
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR_SOURCE = Path(os.environ.get("TRIVMM_EXIT_FLOOR_C", ROOT.parent / "shared/tools/kvm_exit_floor.c"))
@@ -354,9 +358,14 @@ def main() -> None:
     only.add_argument("--density-only", action="store_true", help="only bench/density.py (python -m bench.density)")
     only.add_argument("--blk-only", action="store_true", help="only bench/virtio_blk.py (python -m bench.virtio_blk)")
     only.add_argument("--display-only", action="store_true", help="only bench/display.py (python -m bench.display)")
+    only.add_argument("--migration-only", action="store_true",
+                      help="only bench/migration.py (python -m bench.migration)")  # fmt: skip
     args = parser.parse_args()
     if args.display_only:
         display.main([])
+        return
+    if args.migration_only:
+        migration.main([])
         return
     print(f"trivmm benchmarks on {os.uname().nodename}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}")
     if not (args.density_only or args.blk_only):
@@ -370,6 +379,7 @@ def main() -> None:
         density.main([])  # tiny VMs per second, per process, per MiB (bench/density.py)
     if not (args.density_only or args.blk_only):
         display.main([])  # the VNC server's CPU, idle and busy screen (bench/display.py)
+        migration.main([])  # hot migration and restore, QEMU beside it (bench/migration.py)
 
 
 if __name__ == "__main__":
