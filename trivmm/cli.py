@@ -130,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="the longest pause for the switch-over that pre-copy aims at (default 300)")
     migrate.add_argument("--max-bandwidth", metavar="RATE",
                          help="bytes per second the stream may use, e.g. 100M (default: no limit)")
+    migrate.add_argument("--copy-storage", action="store_true",
+                         help="copy the writable disks' contents too (the destination's own --disk images, "
+                              "of the same size), as virsh migrate does with copy-storage-all")
     migrate.add_argument("--keep-source", action="store_true",
                          help="leave the source paused (postmigrate) instead of quitting it after a migration")
 
@@ -535,6 +538,8 @@ def _migrate(args: argparse.Namespace) -> int:
         dst = parse_uri(args.dst).absolute()  # the source resolves paths from its own directory
     except MigrationError as exc:
         raise ConfigError(str(exc)) from None
+    if args.copy_storage and dst.scheme == "file":
+        raise ConfigError("--copy-storage needs a destination (tcp: or unix:), not a file")
     if args.downtime_ms is not None and args.downtime_ms < 0:
         raise ConfigError("--downtime-ms must be 0 or more")
     bandwidth = None if args.max_bandwidth is None else _parse_rate(args.max_bandwidth)
@@ -554,7 +559,7 @@ def _migrate(args: argparse.Namespace) -> int:
         try:
             if stopped:
                 await client.execute("stop")
-            await client.execute("migrate", {"uri": str(dst)})
+            await client.execute("migrate", {"uri": str(dst), **({"copy-storage": True} if args.copy_storage else {})})
             info = await _wait_for_migration(client, f"migrating to {dst}")
         except BaseException:
             with anyio.CancelScope(shield=True), anyio.move_on_after(10):

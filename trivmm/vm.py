@@ -140,6 +140,7 @@ class VM:
         self._caller: LoopCaller | None = None
         self._paused: set[int] = set()
         self._pause_done: anyio.Event | None = None
+        self.snapshotting = False  # VM.snapshot() under way (a migration then refuses to start)
         self._ran = False
         self._finished: anyio.Event | None = None
         self._outcome: VmExit | BaseException | None = None
@@ -499,9 +500,11 @@ class VM:
         """Stop every vCPU at an instruction boundary; return once all are parked."""
         if not self._ran or self._finished_event().is_set():
             raise VmError("only a running VM can be paused")
-        self._pause_done = done = anyio.Event()
-        for runner in self.runners:
-            runner.request_pause()
+        done = self._pause_done
+        if done is None:  # else a pause is under way (or done): wait for that same one
+            self._pause_done = done = anyio.Event()
+            for runner in self.runners:
+                runner.request_pause()
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
                 async def ended() -> None:
@@ -530,9 +533,18 @@ class VM:
         """Write the VM's complete state to ``target`` (a path, or an anyio byte stream),
         the vCPUs paused meanwhile; a guest that was running runs on (``resume=False``:
         it stays paused). ``MigrationError`` when it cannot be saved (docs/migration.md)."""
+        from trivmm.errors import MigrationError
         from trivmm.migration import snapshot_vm
 
-        return await snapshot_vm(self, target, resume=resume)
+        # One transfer of the guest's state at a time: two would quiesce, capture and resume
+        # the devices under each other.
+        if self.snapshotting or ("migration" in self.__dict__ and self.migration.in_progress):
+            raise MigrationError("a snapshot or migration of this VM is already in progress")
+        self.snapshotting = True
+        try:
+            return await snapshot_vm(self, target, resume=resume)
+        finally:
+            self.snapshotting = False
 
     @classmethod
     async def restore(cls, source: SnapshotSource, config: VmConfig | None = None, *,
@@ -555,14 +567,15 @@ class VM:
         return Migration(self)
 
     async def migrate(self, uri: str, *, cold: bool = False, downtime_ms: int | None = None,
-                      max_bandwidth: int | None = None,
-                      progress: ProgressCallback | None = None) -> MigrationInfo:  # fmt: skip
+                      max_bandwidth: int | None = None, progress: ProgressCallback | None = None,
+                      copy_storage: bool = False) -> MigrationInfo:  # fmt: skip
         """Migrate the running guest to ``uri`` (``tcp:HOST:PORT`` or ``unix:PATH``, where a
         destination waits; ``file:PATH``, a snapshot): hot (pre-copy) unless ``cold``.
+        ``copy_storage``: the writable disks' contents go too (the destination's own images).
         Returns the outcome once the destination runs the guest; this VM then stays paused
         ("postmigrate"). ``MigrationError`` if it fails: this VM then runs on as before."""
         return await self.migration.run(uri, cold=cold, downtime_ms=downtime_ms, max_bandwidth=max_bandwidth,
-                                        progress=progress)  # fmt: skip
+                                        progress=progress, copy_storage=copy_storage)  # fmt: skip
 
     # --- teardown -----------------------------------------------------------------------
     def close(self) -> None:

@@ -128,6 +128,19 @@ def test_leaving_the_block_stops_a_running_guest(backend: str, tmp_path: Path) -
                 await vm.pause()
                 assert vm.paused
                 await vm.resume()
+                # Overlapping pauses (a user's stop during a snapshot's) both return, once
+                # every vCPU is parked; one resume lets the guest run on.
+                async with anyio.create_task_group() as tg:
+                    for _ in range(3):
+                        tg.start_soon(vm.pause)
+                assert vm.paused
+                memory = vm.memory
+                assert memory is not None
+                count = memory.read_u32(0x4000)
+                await anyio.sleep(0.05)
+                assert memory.read_u32(0x4000) == count
+                await vm.resume()
+                await _wait_for(lambda: memory.read_u32(0x4000) != count)
             assert (await vm.wait()).reason is StopReason.STOPPED
         resources.assert_released()
 

@@ -626,3 +626,64 @@ def test_the_cli_migrates_between_two_network_namespaces(tmp_path: Path, two_nam
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_network_peer_cannot_choose_the_destinations_host_files(tmp_path: Path) -> None:
+    """The stream's configuration names the source's disk: a destination given none of its
+    own refuses it (a network peer must not pick which host files the VMM opens read-write);
+    a destination that names its disk takes the guest."""
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(1 << 20))
+    config = writer(tmp_path, SLOW, disks=(trivmm.DiskConfig(disk, "raw"),))
+
+    async def main() -> None:
+        async with listen(f"unix:{tmp_path / 'in.sock'}") as listener, trivmm.open_vm(config) as source:
+            await wait_for(lambda: counter(source) > 10)
+            refusing = Destination(listener, source)
+            async with anyio.create_task_group() as tg:
+                await tg.start(refusing.serve)
+                with pytest.raises(MigrationError, match="names host devices"):
+                    await source.migrate(listener.uri, cold=True)
+            assert isinstance(refusing.error, MigrationError) and str(disk) in str(refusing.error)
+            await keeps_counting(source)  # the source runs on
+            accepting = Destination(listener, source, config)
+            async with anyio.create_task_group() as tg:
+                await tg.start(accepting.serve)
+                info = await source.migrate(listener.uri, cold=True)
+                assert info.status == "completed" and accepting.vm is not None
+                await keeps_counting(accepting.vm)
+                await accepting.vm.stop()
+
+    run_on("trio", main)
+
+
+def test_a_stalled_peer_does_not_hold_the_destination(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer that sends a few bytes and then nothing: the attempt ends after the inactivity
+    limit with a clear error, and the listener takes the next (real) migration."""
+    import trivmm.migration.incoming as incoming
+
+    monkeypatch.setattr(incoming, "INACTIVITY_TIMEOUT", 0.5)
+    config = writer(tmp_path, SLOW)
+
+    async def main() -> None:
+        sock = tmp_path / "in.sock"
+        async with listen(f"unix:{sock}") as listener:
+            stalled = Destination(listener)
+            async with anyio.create_task_group() as tg:
+                await tg.start(stalled.serve)
+                async with await anyio.connect_unix(sock) as peer:
+                    await peer.send(b"TRIVMM")
+                    with anyio.fail_after(10):
+                        while stalled.error is None:
+                            await anyio.sleep(0.05)
+            assert isinstance(stalled.error, MigrationError) and "sent nothing for 0.5 s" in str(stalled.error)
+            async with trivmm.open_vm(config) as source:
+                await wait_for(lambda: counter(source) > 10)
+                destination = Destination(listener, source)
+                async with anyio.create_task_group() as tg:
+                    await tg.start(destination.serve)
+                    info = await source.migrate(listener.uri, cold=True)
+                    assert info.status == "completed" and destination.vm is not None
+                    await destination.vm.stop()
+
+    run_on("trio", main)

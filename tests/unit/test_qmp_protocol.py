@@ -82,7 +82,8 @@ def test_any_split_gives_the_same_messages(parts: list[bytes], step: int) -> Non
 
 
 # --- decoding and checks ------------------------------------------------------------------
-@pytest.mark.parametrize("text", [b"{", b"{'a': 1}", b'{"a": NaN}', b"\xff", b"1" * 5000, b"nope"])
+@pytest.mark.parametrize("text", [b"{", b"{'a': 1}", b'{"a": NaN}', b"\xff", b"1" * 5000, b"nope",
+                                  b'{"execute": "stop", "id": 1e999}'])  # fmt: skip
 def test_what_is_not_json_is_a_parse_error(text: bytes) -> None:
     with pytest.raises(QmpError, match=r"^JSON parse error, ") as caught:
         decode_message(Frame(text))
@@ -322,6 +323,8 @@ def test_migration_commands_reach_the_control_and_its_events_the_clients(backend
             "return": {}}  # fmt: skip
         assert await client.execute("migrate-set-parameters", {"downtime-limit": -1}) == error(
             "Parameter 'downtime-limit' expects a value of at least 0")  # fmt: skip
+        assert await client.execute("migrate-set-parameters", {"downtime-limit": 10**400}) == error(
+            "Parameter 'downtime-limit' expects a value of at most 2000000")  # fmt: skip
         cancelled = await client.execute("migrate_cancel")  # the control's bug: that command fails, nothing else
         assert cancelled == error("internal error: RuntimeError: a bug in the migration code")
         assert (await client.execute("query-status"))["return"]["status"] == "inmigrate"

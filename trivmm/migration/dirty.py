@@ -32,7 +32,7 @@ from trivmm.kvm.constants import MEM_LOG_DIRTY_PAGES, Cap
 from trivmm.kvm.vm import Vm
 from trivmm.memory import GuestMemory
 
-__all__ = ["DirtyLog", "dirty_runs", "count_pages", "marks_to_bits"]
+__all__ = ["DirtyLog", "dirty_runs", "marks_to_bits"]
 
 _MANUAL_PROTECT_ENABLE = 1  # KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
 _ONES = re.compile("1+")
@@ -45,10 +45,6 @@ def marks_to_bits(marks: bytes) -> int:
     if not marks:
         return 0
     return int(marks[::-1].translate(_TO_DIGITS), 2)
-
-
-def count_pages(bits: int) -> int:
-    return bits.bit_count()
 
 
 def dirty_runs(bits: int, pages: int) -> Iterator[tuple[int, int]]:

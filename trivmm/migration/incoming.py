@@ -1,6 +1,6 @@
 """The destination of a migration: listen, take one stream, build the VM it brings.
 
-    async with trivmm.migration.listen("tcp:0.0.0.0:4444") as listener:
+    async with trivmm.migration.listen("tcp:127.0.0.1:4444") as listener:
         vm = await listener.accept()        # restored, handed over (GO received), not yet running
     with vm:
         await vm.run()                      # RUNNING goes back to the source as it starts
@@ -37,9 +37,10 @@ if TYPE_CHECKING:
     from trivmm.console import ConsoleInput, ConsoleOutput
     from trivmm.vm import VM
 
-__all__ = ["IncomingListener", "listen", "receive_vm", "HANDOVER_TIMEOUT"]
+__all__ = ["IncomingListener", "listen", "receive_vm", "HANDOVER_TIMEOUT", "INACTIVITY_TIMEOUT"]
 
 HANDOVER_TIMEOUT = 60.0  # seconds the destination waits for GO after READY
+INACTIVITY_TIMEOUT = 60.0  # seconds a receive of the incoming stream may wait for bytes
 _REFUSAL_LINGER = 1.0  # seconds a refusing destination waits for the source to hang up
 _log = logging.getLogger(__name__)
 
@@ -64,8 +65,11 @@ class IncomingListener:
         self.attempts += 1
         vm: VM | None = None
         try:
-            vm = await restore_vm(stream, config, console_output=console_output, console_input=console_input,
-                                  kvm_path=kvm_path, adapt=adapt)  # fmt: skip
+            # The stream may stall (a peer that sends a few bytes and nothing more): a receive
+            # that waits longer than INACTIVITY_TIMEOUT ends this attempt, and the listener is
+            # free for the next.
+            vm = await restore_vm(_Patient(stream), config, console_output=console_output, console_input=console_input,
+                                  kvm_path=kvm_path, adapt=_own_host_devices(adapt))  # fmt: skip
             await _send(stream, encode_ack(AckKind.READY))
             await _expect_go(stream)
             vm.add_service(functools.partial(_confirm_running, stream))
@@ -108,6 +112,44 @@ async def receive_vm(uri: str | MigrationUri, config: VmConfig | None = None, *,
     async with listen(str(target)) as listener:
         return await listener.accept(config, console_output=console_output, console_input=console_input,
                                      kvm_path=kvm_path, adapt=adapt)  # fmt: skip
+
+
+class _Patient:
+    """The incoming stream's receive side, with an inactivity limit."""
+
+    def __init__(self, stream: anyio.abc.ByteReceiveStream) -> None:
+        self._stream = stream
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        with anyio.move_on_after(INACTIVITY_TIMEOUT):
+            return await self._stream.receive(max_bytes)
+        raise MigrationError(f"the source sent nothing for {INACTIVITY_TIMEOUT:g} s")
+
+
+def _own_host_devices(adapt: Callable[[VmConfig], VmConfig] | None) -> Callable[[VmConfig], VmConfig]:
+    """``adapt``, then a check that the destination names its own host devices.
+
+    The stream of a network peer is untrusted, and its configuration names host resources:
+    disk image paths (opened read-write), taps, the vsock socket path. Taken from the stream,
+    they would let whoever reaches the listener choose which host files the VMM opens. So
+    a destination that is given no config must replace every one the stream names (``adapt``:
+    the CLI's ``--disk``/``--net``/``--vsock``); a snapshot file the user restores (``file:``,
+    ``restore_vm``) is the user's own and keeps them."""
+
+    def adapted(saved: VmConfig) -> VmConfig:
+        config = adapt(saved) if adapt is not None else saved
+        named = [f"{what} {', '.join(map(str, items))}" for what, items, mine in (
+            ("disks", [d.path for d in saved.disks], config.disks is saved.disks and saved.disks),
+            ("taps", [n.tap for n in saved.net], config.net is saved.net and saved.net),
+            ("vsock", [saved.vsock.uds] if saved.vsock else [], config.vsock is saved.vsock and saved.vsock),
+        ) if mine]  # fmt: skip
+        if named:
+            raise MigrationError("the incoming stream names host devices the destination did not give ("
+                                 + "; ".join(named) + "): a destination opens only its own "
+                                 "(run --incoming ... --disk/--net/--vsock; accept(config=...))")  # fmt: skip
+        return config
+
+    return adapted
 
 
 async def _send(stream: anyio.abc.ByteSendStream, data: bytes) -> None:

@@ -34,6 +34,7 @@ outside the guest. Pausing the VM instead would race with a user's own ``stop``/
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -50,6 +51,7 @@ from trivmm.migration.codec import encode_state
 from trivmm.migration.devices import Quiescent, vm_devices
 from trivmm.migration.dirty import DirtyLog, dirty_runs
 from trivmm.migration.snapshot import SavedConfig, _capture, _refuse_unsaveable, _state_sections, snapshot_vm
+from trivmm.migration.storage import StorageCopy
 from trivmm.migration.stream import (
     HOT_VERSION,
     PAGE_SIZE,
@@ -72,6 +74,7 @@ __all__ = ["Migration", "MigrationInfo", "MigrationParameters", "ProgressCallbac
 THROTTLE_PERIOD = 0.02  # seconds: each vCPU sleeps ``percent`` of every period while throttled
 ACTIVE_STATUSES = frozenset({"setup", "active", "device", "cancelling"})
 _WINDOW_PAGES = 4096  # pages read and scanned per worker-thread call (16 MiB)
+_DISK_WINDOW = 16 << 20  # disk bytes read and scanned per worker-thread call
 _PROGRESS_INTERVAL = 0.1  # seconds between progress callbacks within a round
 _BANDWIDTH_SAMPLE = 256 << 10  # a round that sent less does not change the bandwidth estimate
 _log = logging.getLogger(__name__)
@@ -126,6 +129,9 @@ class MigrationInfo:
     throttle: int = 0
     converged: bool | None = None
     error: str | None = None
+    disk_total: int = 0
+    disk_transferred: int = 0
+    disk_remaining: int = 0
 
     def to_qmp(self) -> dict[str, Any]:
         """QEMU's MigrationInfo ({} before any migration)."""
@@ -144,6 +150,9 @@ class MigrationInfo:
             "normal-bytes": self.normal_pages * PAGE_SIZE, "dirty-pages-rate": round(self.dirty_pages_rate),
             "mbps": round(self.bandwidth * 8 / 1e6, 3), "dirty-sync-count": self.rounds, "page-size": PAGE_SIZE,
         }  # fmt: skip
+        if self.disk_total:  # --copy-storage: QEMU's block migration figures
+            out["disk"] = {"transferred": self.disk_transferred, "remaining": self.disk_remaining,
+                           "total": self.disk_total}  # fmt: skip
         if self.throttle:
             out["cpu-throttle-percentage"] = self.throttle
         if self.error is not None and self.status == "failed":
@@ -173,6 +182,9 @@ class _Progress:
     throttle: int = 0
     converged: bool | None = None
     error: str | None = None
+    disk_total: int = 0
+    disk_transferred: int = 0
+    disk_remaining: int = 0
 
 
 class _Link:
@@ -303,13 +315,14 @@ class Migration:
             transferred=self._link.sent if self._link is not None else 0, remaining=p.remaining_pages * PAGE_SIZE,
             total=p.total, normal_pages=p.normal_pages, zero_pages=p.zero_pages, dirty_pages_rate=p.dirty_pages_rate,
             bandwidth=p.bandwidth, throttle=p.throttle, converged=p.converged, error=p.error,
+            disk_total=p.disk_total, disk_transferred=p.disk_transferred, disk_remaining=p.disk_remaining,
         )  # fmt: skip
 
     def run_state(self) -> str | None:
         """What QMP's query-status says meanwhile: "finish-migrate" while the guest is
         paused for the switch-over, "postmigrate" while it stays paused after it; None:
         the VM's own state."""
-        if self.status == "device" and self.vm.paused:
+        if self.in_progress and self.vm.paused:  # the switch-over, or a cold or file: migration
             return "finish-migrate"
         if self._postmigrate and self.vm.paused:
             return "postmigrate"
@@ -347,11 +360,15 @@ class Migration:
             raise MigrationError("the VM is not running (the migration service has not started)")
         self._check_can_start()
         target = parse_uri(uri)
+        # QEMU's (deprecated) ``blk``, or trivmm's own ``copy-storage``: both mean --copy-storage
+        copy_storage = bool(arguments.get("blk")) or bool(arguments.get("copy-storage"))
+        if copy_storage and target.scheme == "file":
+            raise MigrationError("copy-storage needs a destination (tcp: or unix:), not a file")
         started = anyio.Event()
 
         async def run() -> None:
             try:
-                await self.run(str(target), cold=self.vm.paused, _started=started)
+                await self.run(str(target), cold=self.vm.paused, copy_storage=copy_storage, _started=started)
             except TrivmmError as exc:  # reported by query-migrate and the MIGRATION event
                 _log.info("migration to %s failed: %s", uri, exc)
             finally:
@@ -396,8 +413,8 @@ class Migration:
             provider.resume_after_snapshot()
 
     def _check_can_start(self) -> None:
-        if self.in_progress:
-            raise MigrationError("a migration is already in progress")
+        if self.in_progress or self.vm.snapshotting:
+            raise MigrationError("a snapshot or migration of this VM is already in progress")
         if self._postmigrate and self._held and self.vm.paused:
             raise MigrationError("this guest was handed over to another trivmm and stays paused here; resume it "
                                  "here first (cont) -- only if the destination does not run it")  # fmt: skip
@@ -410,15 +427,18 @@ class Migration:
     # --- the migration -----------------------------------------------------------------------------
     async def run(self, uri: str, *, cold: bool = False, downtime_ms: int | None = None,
                   max_bandwidth: int | None = None, progress: ProgressCallback | None = None,
-                  _started: anyio.Event | None = None) -> MigrationInfo:  # fmt: skip
+                  copy_storage: bool = False, _started: anyio.Event | None = None) -> MigrationInfo:  # fmt: skip
         """Migrate the VM to ``uri`` (``tcp:HOST:PORT``, ``unix:PATH``: a destination
         waiting with ``run --incoming``; ``file:PATH``: a snapshot, always cold). Hot
         unless ``cold``; ``downtime_ms`` and ``max_bandwidth`` (bytes/s) override the
-        parameters for this run; ``progress(info)`` is called as it goes. Returns the
+        parameters for this run; ``progress(info)`` is called as it goes; ``copy_storage``:
+        the writable disks' contents go too (docs/migration.md, "Copying storage"). Returns the
         outcome (status "completed"); the source then stays paused ("postmigrate").
         ``MigrationError`` when it fails or is cancelled: the source then runs on as before."""
         target = parse_uri(uri)
         self._check_can_start()
+        if copy_storage and target.scheme == "file":
+            raise MigrationError("copy-storage needs a destination (tcp: or unix:), not a file")
         parameters = attrs.evolve(self.parameters)
         if downtime_ms is not None:
             parameters.downtime_limit_ms = downtime_ms
@@ -440,7 +460,7 @@ class Migration:
                 if target.scheme == "file":
                     await self._to_file(target)
                 else:
-                    await _Run(self, target, parameters).run()
+                    await _Run(self, target, parameters, copy_storage).run()
             if scope.cancelled_caught or self._cancel_requested:
                 raise MigrationError("the migration was cancelled")
         except BaseException as exc:
@@ -529,7 +549,8 @@ class _NullSink:
 class _Run:
     """One migration over a socket (hot or cold): see the module docstring."""
 
-    def __init__(self, engine: Migration, target: MigrationUri, parameters: MigrationParameters) -> None:
+    def __init__(self, engine: Migration, target: MigrationUri, parameters: MigrationParameters,
+                 copy_storage: bool = False) -> None:  # fmt: skip
         self.engine = engine
         self.vm = engine.vm
         self.target = target
@@ -547,6 +568,9 @@ class _Run:
         self.paused_at = 0.0
         self.quiescent: list[Quiescent] = []
         self.throttle_scope: anyio.CancelScope | None = None
+        self.storage = StorageCopy(self.vm) if copy_storage else None
+        if self.storage is not None:
+            progress.disk_total = progress.disk_remaining = self.storage.total
 
     async def run(self) -> None:
         devices = vm_devices(self.vm)
@@ -556,7 +580,8 @@ class _Run:
         stream = await connect(self.target)
         try:
             link = self.engine._link = _Link(stream, self.parameters)
-            writer = StreamWriter(link, version=VERSION if self.progress.cold else HOT_VERSION)
+            cold_stream = self.progress.cold and self.storage is None  # DISK sections need version 2
+            writer = StreamWriter(link, version=VERSION if cold_stream else HOT_VERSION)
             failure: Exception | None = None  # raised after the task group (not as a group)
             async with anyio.create_task_group() as tg:
                 sending = anyio.CancelScope()
@@ -618,6 +643,8 @@ class _Run:
         self.progress.remaining_pages = sum(r.pages for r in self.regions)
         self.progress.rounds = 1
         await self._send_ranges(writer, [(slot, 0, r.pages) for slot, r in enumerate(self.regions)], resend=False)
+        if self.storage is not None:
+            await self._send_disk(writer, self.storage.everything(), resend=False)
 
     # --- hot --------------------------------------------------------------------------------------
     async def _hot(self, writer: StreamWriter, devices: Any, tg: anyio.abc.TaskGroup) -> None:
@@ -630,8 +657,12 @@ class _Run:
         progress.rounds = 1
         round_start, sent_before = time.monotonic(), self._sent()
         await self._send_ranges(writer, [(slot, 0, r.pages) for slot, r in enumerate(self.regions)], resend=False)
+        storage = self.storage
+        if storage is not None:
+            await self._send_disk(writer, storage.everything(), resend=False)
         self._measure(self._sent() - sent_before, time.monotonic() - round_start)
         synced_at = round_start
+        written: list[tuple[int, int, int]] = []  # disk extents written since the last pass
         high = 0  # syncs in a row that found the guest dirtying faster than the trigger
         while True:
             assert self.dirty is not None
@@ -641,7 +672,10 @@ class _Run:
             progress.dirty_pages_rate = dirty_pages / max(now - synced_at, 1e-6)
             synced_at = now
             progress.remaining_pages = dirty_pages
-            remaining = dirty_pages * PAGE_SIZE
+            if storage is not None:
+                written = storage.written()
+                progress.disk_remaining = sum(length for _, _, length in written)
+            remaining = dirty_pages * PAGE_SIZE + progress.disk_remaining
             allowed = progress.bandwidth * parameters.downtime_limit_ms / 1000
             progress.expected_downtime = remaining / progress.bandwidth if progress.bandwidth else None
             self.engine._emit("MIGRATION_PASS", {"pass": progress.rounds})
@@ -655,7 +689,7 @@ class _Run:
             # every round, its measured dirty rate cannot exceed the link's: hence the
             # threshold below 100 %.
             sent_meanwhile = self._sent() - sent_before
-            if dirty_pages * PAGE_SIZE * 100 > sent_meanwhile * parameters.throttle_trigger:
+            if remaining * 100 > sent_meanwhile * parameters.throttle_trigger:
                 high += 1
                 if parameters.auto_converge and high >= 2:
                     self._raise_throttle(tg)
@@ -664,6 +698,8 @@ class _Run:
             progress.rounds += 1
             round_start, sent_before = now, self._sent()
             await self._send_bits(writer, bits)
+            if storage is not None:
+                await self._send_disk(writer, written, resend=True)
             self._measure(self._sent() - sent_before, time.monotonic() - round_start)
         # stop and copy
         await self._stop_throttle()
@@ -675,6 +711,8 @@ class _Run:
         bits = [b | more | written for b, more, written in zip(bits, last, self.dirty.vmm_written, strict=True)]
         progress.remaining_pages = sum(b.bit_count() for b in bits)
         await self._send_bits(writer, bits)
+        if storage is not None:  # what the converging sync found, and what was written since (quiesced now)
+            await self._send_disk(writer, written + storage.written(), resend=True)
         await self._send_state(writer, devices)
 
     def _sent(self) -> int:
@@ -745,6 +783,24 @@ class _Run:
             progress.remaining_pages = max(0, progress.remaining_pages - run.pages)
         self.engine._report()
 
+    async def _send_disk(self, writer: StreamWriter, extents: list[tuple[int, int, int]], *, resend: bool) -> None:
+        """Disk extents (disk, offset, length), read a window at a time on a worker thread
+        (zero stretches become zero runs), then sent."""
+        storage, progress = self.storage, self.progress
+        assert storage is not None
+        if resend:
+            progress.disk_remaining = sum(length for _, _, length in extents)
+        for disk, offset, length in extents:
+            while length:
+                take = min(length, _DISK_WINDOW)
+                read = functools.partial(storage.read, disk, offset, take, resend=resend)
+                for run in await anyio.to_thread.run_sync(read):
+                    await writer.disk_run(run)
+                    progress.disk_transferred += run.length
+                    progress.disk_remaining = max(0, progress.disk_remaining - run.length)
+                offset, length = offset + take, length - take
+                self.engine._report()
+
     # --- pause, state, undo ------------------------------------------------------------------------
     async def _pause_and_quiesce(self) -> None:
         vm = self.vm
@@ -778,10 +834,14 @@ class _Run:
             await self._pause_and_quiesce()
         try:
             await anyio.to_thread.run_sync(self.dirty.start)
+            if self.storage is not None:
+                self.storage.start_tracking()
         finally:
             await self._resume_guest()
 
     async def _stop_logging(self) -> None:
+        if self.storage is not None:
+            self.storage.stop_tracking()
         if self.dirty is not None and self.dirty.active:
             await anyio.to_thread.run_sync(self.dirty.stop)
 

@@ -51,6 +51,7 @@ from trivmm.migration.state import (
     decode_vcpu,
     encode_vcpu,
 )
+from trivmm.migration.storage import DiskReceiver
 from trivmm.migration.stream import (
     PAGE_SIZE,
     VERSION,
@@ -62,6 +63,7 @@ from trivmm.migration.stream import (
     SectionKind,
     StreamReader,
     StreamWriter,
+    decode_disk_run,
     decode_run,
     page_runs,
 )
@@ -415,6 +417,7 @@ async def _receive(vm: VM, saved: SavedConfig, reader: StreamReader) -> None:
         raise MigrationError(f"the snapshot's state does not fit this VM: this VM also has {missing or 'nothing'}, "
                              f"the snapshot also has {extra or 'nothing'}")  # fmt: skip
     memory = _MemoryReceiver(vm.memory)
+    disks = DiskReceiver(vm, [disk.path for disk in saved.disks])
     states: dict[str, bytes] = {}
     vcpus: dict[str, VcpuState] = {}
     while True:
@@ -425,6 +428,10 @@ async def _receive(vm: VM, saved: SavedConfig, reader: StreamReader) -> None:
             run = decode_run(section.payload, reader.version or VERSION)
             memory.check(run)
             await memory.write(run)
+        elif section.kind is SectionKind.DISK:
+            disk_run = decode_disk_run(section.payload)
+            disks.check(disk_run)
+            await disks.write(disk_run)
         elif section.kind is SectionKind.STATE:
             name = section.name
             if name not in saved.sections:
@@ -439,6 +446,7 @@ async def _receive(vm: VM, saved: SavedConfig, reader: StreamReader) -> None:
         else:
             raise MigrationError(f"section {section.sequence}: a second {section.kind.name} section")
     memory.check_complete()
+    await disks.finish()
     missing = [name for name in expected if name not in states]
     if missing:
         raise MigrationError(f"the stream ended without state section(s) {', '.join(missing)}")

@@ -45,7 +45,8 @@ __all__ = ["MAGIC", "VERSION", "HOT_VERSION", "SUPPORTED_VERSIONS", "PAGE_SIZE",
            "PAYLOAD_LIMITS", "SectionKind", "Section", "MemoryRun", "StreamDecoder", "StreamReader",
            "StreamWriter", "ByteSink", "ByteSource", "FileSink", "FileSource", "encode_header",
            "encode_section", "section_parts", "encode_run", "run_parts", "decode_run", "page_runs",
-           "decode_stream", "describe_io_error"]  # fmt: skip
+           "decode_stream", "describe_io_error", "DiskRun", "disk_run_parts", "decode_disk_run", "DISK_UNIT",
+           "MAX_DISK_RUN_BYTES", "MAX_DISK_ZERO_BYTES"]  # fmt: skip
 
 MAGIC = b"TRIVMMVM"
 VERSION = 1  # what snapshots and cold migrations write: every page once, in order
@@ -61,6 +62,10 @@ _CRC = struct.Struct("<I")
 _RUN = struct.Struct("<IIQI")  # slot, flags, first page, page count
 _RUN_ZERO = 0x1
 _RUN_RESEND = 0x2  # version 2: pages sent before; this run replaces them
+_DISK_RUN = struct.Struct("<IIQI")  # disk, flags, offset (bytes), length (bytes)
+DISK_UNIT = 512  # a DISK run's offset and length are multiples of this (a sector)
+MAX_DISK_RUN_BYTES = 1 << 20  # bytes of data in one DISK section
+MAX_DISK_ZERO_BYTES = (1 << 32) - DISK_UNIT  # a zero DISK run's longest extent
 _NAME = re.compile(r"[A-Za-z0-9._:/-]*\Z")
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _SCAN_PAGES = 64  # pages compared at once while looking for zero pages
@@ -74,6 +79,7 @@ class SectionKind(enum.IntEnum):
     STATE = 2  # one piece of device or CPU state, named by its stable id
     MEMORY = 3  # one run of guest pages (MemoryRun)
     END = 4  # the last section: empty
+    DISK = 5  # version 2, with --copy-storage: one extent of a disk image's contents (DiskRun)
 
 
 PAYLOAD_LIMITS: dict[SectionKind, int] = {
@@ -81,6 +87,7 @@ PAYLOAD_LIMITS: dict[SectionKind, int] = {
     SectionKind.STATE: 1 << 20,
     SectionKind.MEMORY: _RUN.size + MAX_RUN_PAGES * PAGE_SIZE,
     SectionKind.END: 0,
+    SectionKind.DISK: _DISK_RUN.size + MAX_DISK_RUN_BYTES,
 }
 
 
@@ -206,6 +213,51 @@ def page_runs(mapping: mmap.mmap | bytes, slot: int, first_page: int = 0,
     yield from flush(page)
 
 
+# --- disk runs (--copy-storage) ----------------------------------------------------------------
+
+
+@attrs.frozen
+class DiskRun:
+    """Bytes ``offset .. offset + length - 1`` of the guest-visible contents of disk
+    ``disk`` (the VM's disks in configuration order): their data, or None when they are
+    all zero. ``resend``: sent before; this run replaces them."""
+
+    disk: int
+    offset: int
+    length: int
+    data: bytes | None = attrs.field(default=None, repr=lambda d: "zero" if d is None else f"<{len(d)} bytes>")
+    resend: bool = False
+
+
+def disk_run_parts(run: DiskRun) -> list[bytes]:
+    """A DISK section's payload as its header and its data (not copied)."""
+    flags = (_RUN_RESEND if run.resend else 0) | (_RUN_ZERO if run.data is None else 0)
+    if run.data is not None and len(run.data) != run.length:
+        raise ValueError("a disk run's data must be its length")
+    head = _DISK_RUN.pack(run.disk, flags, run.offset, run.length)
+    return [head] if run.data is None else [head, run.data]
+
+
+def decode_disk_run(payload: bytes) -> DiskRun:
+    """A DISK section's run, its lengths checked (not yet against a VM's disks)."""
+    if len(payload) < _DISK_RUN.size:
+        raise MigrationError(f"disk section of {len(payload)} bytes is shorter than its {_DISK_RUN.size}-byte header")
+    disk, flags, offset, length = _DISK_RUN.unpack_from(payload)
+    if flags & ~(_RUN_ZERO | _RUN_RESEND):
+        raise MigrationError(f"disk section with unknown flags {flags:#x}")
+    if length == 0 or length % DISK_UNIT or offset % DISK_UNIT:
+        raise MigrationError(f"disk section of {length} bytes at offset {offset}: not whole {DISK_UNIT}-byte sectors")
+    data_length = len(payload) - _DISK_RUN.size
+    resend = bool(flags & _RUN_RESEND)
+    if flags & _RUN_ZERO:
+        if data_length:
+            raise MigrationError("a zero disk section carries data")
+        return DiskRun(disk, offset, length, resend=resend)
+    if data_length != length:
+        raise MigrationError(f"disk section of {length} bytes carries {data_length} bytes")
+    return DiskRun(disk, offset, length, payload[_DISK_RUN.size :], resend)
+
+
 # --- reading ------------------------------------------------------------------------------------
 
 
@@ -272,6 +324,8 @@ class StreamDecoder:
         name = name_bytes.decode("ascii", errors="replace")
         if not _NAME.match(name):
             raise MigrationError(f"{where}: bad section name {name!r}")
+        if kind is SectionKind.DISK and (self.version or VERSION) < HOT_VERSION:
+            raise MigrationError(f"{where}: a DISK section in a version {self.version} stream")
         self._sequence += 1
         if kind is SectionKind.END:
             self.ended = True
@@ -384,6 +438,9 @@ class StreamWriter:
 
     async def run(self, run: MemoryRun) -> None:
         await self._send_parts(section_parts(self._sequence, SectionKind.MEMORY, "", run_parts(run)))
+
+    async def disk_run(self, run: DiskRun) -> None:
+        await self._send_parts(section_parts(self._sequence, SectionKind.DISK, "", disk_run_parts(run)))
 
     async def _send_parts(self, parts: list[bytes]) -> None:
         self._sequence += 1

@@ -12,6 +12,7 @@ message has a size bound (``MAX_MESSAGE``) and a nesting bound (``MAX_DEPTH``).
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Mapping
@@ -150,6 +151,14 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"invalid token {name!r}")
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number that fits a double (``1e999`` would come back as ``Infinity``: not JSON)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]!r} out of range")
+    return value
+
+
 def decode_message(frame: Frame) -> Any:
     """The JSON value of a frame; ``QmpError`` ("JSON parse error, ...") when it is not one."""
     if frame.error is not None:
@@ -159,7 +168,7 @@ def decode_message(frame: Frame) -> Any:
     except UnicodeDecodeError:
         raise QmpError("JSON parse error, invalid UTF-8 sequence") from None
     try:
-        return json.loads(text, parse_constant=_no_constants)
+        return json.loads(text, parse_constant=_no_constants, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise QmpError(f"JSON parse error, {exc.msg} (at byte {exc.pos})") from None
     except (ValueError, RecursionError) as exc:  # e.g. an integer of more digits than Python converts
@@ -200,11 +209,12 @@ def parse_request(message: Any) -> Request:
 @attrs.frozen
 class Param:
     """One argument of a command: its JSON type (``str``, ``bool``, ``int``, ``list``) and
-    whether it must be given; ``minimum`` for integers."""
+    whether it must be given; ``minimum`` and ``maximum`` for integers."""
 
     type: type
     required: bool = False
     minimum: int | None = None
+    maximum: int | None = None
 
 
 _TYPE_NAMES = {str: "string", bool: "boolean", int: "integer", list: "array", dict: "object"}
@@ -221,6 +231,8 @@ def check_arguments(arguments: Mapping[str, Any], params: Mapping[str, Param]) -
             raise QmpError(f"Invalid parameter type for '{name}', expected: {_TYPE_NAMES[param.type]}")
         if param.minimum is not None and isinstance(value, int) and value < param.minimum:
             raise QmpError(f"Parameter '{name}' expects a value of at least {param.minimum}")
+        if param.maximum is not None and isinstance(value, int) and value > param.maximum:
+            raise QmpError(f"Parameter '{name}' expects a value of at most {param.maximum}")
     for name, param in params.items():
         if param.required and name not in arguments:
             raise QmpError(f"Parameter '{name}' is missing")
@@ -228,7 +240,7 @@ def check_arguments(arguments: Mapping[str, Any], params: Mapping[str, Param]) -
 
 def encode(message: Mapping[str, Any]) -> bytes:
     """One message on the wire: ASCII JSON and a newline."""
-    return json.dumps(message, ensure_ascii=True).encode("ascii") + b"\n"
+    return json.dumps(message, ensure_ascii=True, allow_nan=False).encode("ascii") + b"\n"
 
 
 def response(value: Any, request: Request | None = None) -> dict[str, Any]:

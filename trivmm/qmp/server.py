@@ -67,8 +67,11 @@ RECEIVE_SIZE = 65536
 SOCKET_MODE = 0o600
 MIGRATION_UNAVAILABLE = "migration is not available in this build yet"
 # Arguments the server checks before a MigrationControl sees them (add a name here to accept it).
-MIGRATE_PARAMS: dict[str, Param] = {"uri": Param(str, required=True), "detach": Param(bool), "resume": Param(bool)}
-MIGRATE_SET_PARAMS: dict[str, Param] = {"downtime-limit": Param(int, minimum=0), "max-bandwidth": Param(int, minimum=0)}
+MIGRATE_PARAMS: dict[str, Param] = {"uri": Param(str, required=True), "detach": Param(bool), "resume": Param(bool),
+                                    "blk": Param(bool), "copy-storage": Param(bool)}  # copy-storage: trivmm's own
+# QEMU's bounds: downtime-limit up to 2000 s; max-bandwidth up to a 64-bit byte rate.
+MIGRATE_SET_PARAMS: dict[str, Param] = {"downtime-limit": Param(int, minimum=0, maximum=2_000_000),
+                                        "max-bandwidth": Param(int, minimum=0, maximum=(1 << 63) - 1)}  # fmt: skip
 _log = logging.getLogger(__name__)
 
 
@@ -467,8 +470,16 @@ class QmpServer:
         status = self._run_state()
         return {"status": status, "singlestep": False, "running": status == "running"}
 
+    def _refuse_during_migration(self, command: str) -> None:
+        """stop and cont are refused while a migration or snapshot runs: it pauses and
+        resumes the guest itself (a cont in its switch-over would let the source run on
+        after the hand-over, a stop would be undone by its resume)."""
+        if getattr(self.migration, "in_progress", False):
+            raise QmpError(f"'{command}' is refused while a migration is in progress (migrate_cancel first)")
+
     async def _stop(self, client: _Client, arguments: dict[str, Any]) -> Any:
         vm = self._live_vm()
+        self._refuse_during_migration("stop")
         assert self._state_lock is not None
         async with self._state_lock:
             if not vm.paused:
@@ -478,6 +489,7 @@ class QmpServer:
 
     async def _cont(self, client: _Client, arguments: dict[str, Any]) -> Any:
         vm = self._live_vm()
+        self._refuse_during_migration("cont")
         state = self._run_state()
         if state not in ("running", "paused", "postmigrate"):
             raise QmpError(f"the VM cannot be resumed in state '{state}'")

@@ -101,7 +101,9 @@ written, chains used, the interrupt raised -- before the backend has stopped. Ch
 and not yet in a batch (``active.held[0]``) are given back to the ring. (A reset still
 drops a batch: ``_execute`` and ``_complete`` see the stale activation.) The device's
 section is its configuration space: a destination whose disk has another capacity, or is
-read-only where the source's was not, refuses it.
+read-only where the source's was not, refuses it. While a migration copies the disk
+(``--copy-storage``), ``written`` is a ``WriteTracker``: the worker thread marks the
+chunks each OUT, DISCARD and WRITE_ZEROES touched, after its IO (trivmm.migration.storage).
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ __all__ = [
     "SECTOR_SIZE", "ID_BYTES", "QUEUE_SIZE", "SEG_MAX", "SIZE_MAX", "MAX_REQUEST_BYTES",
     "MAX_DISCARD_SECTORS", "MAX_DISCARD_SEG", "MAX_WRITE_ZEROES_SECTORS", "MAX_WRITE_ZEROES_SEG",
     "BATCH_REQUESTS", "BATCH_BYTES", "BATCHES_IN_FLIGHT", "IO_THREADS",
-    "HEADER", "SEGMENT", "CONFIG",
+    "HEADER", "SEGMENT", "CONFIG", "WriteTracker", "TRACK_CHUNK",
 ]  # fmt: skip
 
 _log = logging.getLogger(__name__)
@@ -183,8 +185,33 @@ MERGE_BYTES = BATCH_BYTES  # adjacent reads in one batch: one scatter read
 MERGE_BUFFERS = 1024  # ... of at most this many guest buffers (preadv's IOV_MAX)
 IO_THREADS = 2
 
+TRACK_CHUNK = 64 << 10  # the granularity of a WriteTracker (bytes)
+
 _STATUS = (b"\x00", b"\x01", b"\x02")
+_WRITES = frozenset({VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES})
 _DONE = -1  # a request whose status (and reply) the parse decided: no IO
+
+
+class WriteTracker:
+    """The chunks of ``TRACK_CHUNK`` bytes a disk's writes (OUT, DISCARD, WRITE_ZEROES)
+    have touched since the last ``take()``: what a migration with ``--copy-storage`` sends
+    again. Marked by the worker thread once the write is done; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._chunks: set[int] = set()
+
+    def mark(self, offset: int, length: int) -> None:
+        if length > 0:
+            chunks = range(offset // TRACK_CHUNK, (offset + length - 1) // TRACK_CHUNK + 1)
+            with self._lock:
+                self._chunks.update(chunks)
+
+    def take(self) -> list[int]:
+        """The chunks written since the last call, in order; the record starts afresh."""
+        with self._lock:
+            chunks, self._chunks = self._chunks, set()
+        return sorted(chunks)
 
 
 class _Request:
@@ -264,6 +291,8 @@ class BlockDevice(VirtioDevice):
         self.ioerr = 0
         self.unsupp = 0
         self.dropped = 0
+        # Set by a migration that copies this disk (migration.storage): writes are marked.
+        self.written: WriteTracker | None = None
 
     @property
     def errors(self) -> int:
@@ -484,6 +513,13 @@ class BlockDevice(VirtioDevice):
             except Exception as exc:  # a bug of the image code: this request fails, loudly
                 _log.exception("%s: request failed in %r", self.name, image)
                 request.status, request.reason = VIRTIO_BLK_S_IOERR, repr(exc)
+            written = self.written
+            if written is not None and kind in _WRITES:  # after the write: a copy that read the range
+                if kind == VIRTIO_BLK_T_OUT:  # before is sent again; one that reads it after, at worst twice
+                    written.mark(request.offset, request.length)
+                else:
+                    for offset, length, _unmap in request.extents:
+                        written.mark(offset, length)
 
     def _read_into_guest(self, active: Activation, run: Sequence[_Request], start: int, *,
                          single: bool = False) -> bool:  # fmt: skip

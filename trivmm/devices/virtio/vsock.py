@@ -255,6 +255,7 @@ class VsockDevice(VirtioDevice):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             sock.bind(path)
+            os.chmod(path, 0o600)  # before listen(): nobody else connects to the guest's ports
             sock.listen(128)
             st = os.stat(path)
         except OSError as exc:
