@@ -24,7 +24,6 @@ import importlib.metadata
 import logging
 import os
 import socket
-import stat
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -33,9 +32,9 @@ import anyio.abc
 import attrs
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from trivmm._unix_sockets import make_room_for_socket
+from trivmm._unix_sockets import listen_unix_socket
 from trivmm.devices.acpi_pm import ACPI_PM_PORT, RESET_OFFSET, RESET_VALUE, AcpiPm
-from trivmm.errors import ConfigError, TrivmmError, VmError
+from trivmm.errors import TrivmmError, VmError
 from trivmm.kvm import KvmError
 from trivmm.qmp.protocol import (
     COMMAND_NOT_FOUND,
@@ -64,7 +63,6 @@ MAX_CLIENTS = 64  # connections at once; one more is told so and closed
 FLUSH_TIMEOUT = 2.0  # seconds a closing client gets to take what is queued for it (SHUTDOWN)
 OUTBOX_LIMIT = 256  # messages queued for one client; events past that drop the client
 RECEIVE_SIZE = 65536
-SOCKET_MODE = 0o600
 MIGRATION_UNAVAILABLE = "migration is not available in this build yet"
 # Arguments the server checks before a MigrationControl sees them (add a name here to accept it).
 MIGRATE_PARAMS: dict[str, Param] = {"uri": Param(str, required=True), "detach": Param(bool), "resume": Param(bool),
@@ -177,7 +175,7 @@ class QmpServer:
         self.max_clients = max_clients
         self.vm: VM | None = None
         self._sock: socket.socket | None
-        self._sock, self._sock_id = _listen_unix(self.path)
+        self._sock, self._sock_id = listen_unix_socket(self.path, "QMP socket")
         self._clients: set[_Client] = set()
         self._count = 0
         self._serving = False
@@ -587,27 +585,5 @@ def _version() -> dict[str, Any]:
         text = "0.0.0"
     parts = [int(p) if p.isdigit() else 0 for p in [*text.split("."), "0", "0"][:3]]
     return {"qemu": {"major": parts[0], "minor": parts[1], "micro": parts[2]}, "package": f"trivmm {text}"}
-
-
-def _listen_unix(path: str) -> tuple[socket.socket, tuple[int, int]]:
-    """A listening unix socket at ``path``, mode 0600 before anyone can connect (it is
-    chmod-ed between bind() and listen(): connecting before listen() is refused)."""
-    make_room_for_socket(path, "QMP socket")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(path)
-        try:
-            os.chmod(path, SOCKET_MODE)
-            st = os.lstat(path)
-            if not stat.S_ISSOCK(st.st_mode):
-                raise OSError(f"{path} was replaced while it was being set up")
-            sock.listen(16)
-        except BaseException:
-            os.unlink(path)
-            raise
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"QMP socket: cannot listen on {path}: {exc.strerror or exc}") from None
-    return sock, (st.st_dev, st.st_ino)
 
 

@@ -32,7 +32,6 @@ import ipaddress
 import logging
 import os
 import socket
-import stat
 import struct
 from typing import TYPE_CHECKING
 
@@ -40,7 +39,7 @@ import anyio
 import anyio.abc
 import attrs
 
-from trivmm._unix_sockets import make_room_for_socket
+from trivmm._unix_sockets import listen_unix_socket
 from trivmm.devices.display import BYTES_PER_PIXEL, Damage, Display, Rect
 from trivmm.errors import ConfigError
 from trivmm.vnc.keymap import keysym_to_code, xt_to_code
@@ -79,7 +78,6 @@ DEFAULT_REFRESH_RATE = 30  # polls and updates a second, at most
 DEFAULT_IDLE_REFRESH_RATE = 5  # polls a second once the screen has been still for IDLE_AFTER
 IDLE_AFTER = 1.0  # seconds without a change before polling slows down; input speeds it up again
 OFFLOAD_BYTES = 128 << 10  # updates larger than this are encoded on a worker thread
-SOCKET_MODE = 0o600
 _RECEIVE_SIZE = 65536
 _RATE_WINDOW = 0.1
 _ENCODINGS = (Encoding.ZRLE, Encoding.ZLIB, Encoding.RAW)  # what a client may pick, by its own order
@@ -233,23 +231,7 @@ class VncServer:
     def _listen_unix(self, path: str) -> socket.socket:
         """A listening unix socket at ``path``, mode 0600 before anyone can connect; a
         stale socket there is replaced, anything else refused."""
-        make_room_for_socket(path, "VNC socket")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(path)
-            try:
-                os.chmod(path, SOCKET_MODE)
-                st = os.lstat(path)
-                if not stat.S_ISSOCK(st.st_mode):
-                    raise OSError(f"{path} was replaced while it was being set up")
-                sock.listen(16)
-            except BaseException:
-                os.unlink(path)
-                raise
-        except OSError as exc:
-            sock.close()
-            raise ConfigError(f"VNC socket: cannot listen on {path}: {exc.strerror or exc}") from None
-        self._socket_id = (st.st_dev, st.st_ino)
+        sock, self._socket_id = listen_unix_socket(path, "VNC socket")
         return sock
 
     def _listen_tcp(self, endpoint: VncEndpoint, allow_remote: bool) -> socket.socket:

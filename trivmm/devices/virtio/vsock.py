@@ -77,7 +77,7 @@ import anyio.abc
 import anyio.lowlevel
 import attrs
 
-from trivmm._unix_sockets import make_room_for_socket
+from trivmm._unix_sockets import listen_unix_socket
 from trivmm.devices.virtio.device import Activation, DeviceState, DeviceType, VirtioDevice
 from trivmm.devices.virtio.queue import DescriptorChain, VirtqueueError
 from trivmm.errors import ConfigError
@@ -250,18 +250,8 @@ class VsockDevice(VirtioDevice):
 
     # --- the listening socket (the VM's lifetime) ------------------------------------------
     def _listen(self) -> None:
-        path = self.uds_path
-        make_room_for_socket(path, "vsock")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(path)
-            os.chmod(path, 0o600)  # before listen(): nobody else connects to the guest's ports
-            sock.listen(128)
-            st = os.stat(path)
-        except OSError as exc:
-            sock.close()
-            raise ConfigError(f"vsock: cannot listen on {path}: {exc.strerror or exc}") from None
-        self._listener, self._listener_id = sock, (st.st_dev, st.st_ino)
+        # 0600 before listen(): nobody else connects to the guest's ports
+        self._listener, self._listener_id = listen_unix_socket(self.uds_path, "vsock", backlog=128, nonblocking=True)
 
     def close(self) -> None:
         """Stop listening and remove the socket file (if it is still ours). Call it when no
