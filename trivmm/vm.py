@@ -42,6 +42,7 @@ import anyio.lowlevel
 import attrs
 
 from trivmm._threads import LoopCaller, ensure_kick_handler, run_in_owned_thread
+from trivmm.boot.acpi import SCI_IRQ
 from trivmm.boot.layout import VIRTIO_MMIO_BASE, VIRTIO_MMIO_GSIS, VIRTIO_MMIO_SLOT, PciLayout, pci_layout, ram_ranges
 from trivmm.boot.loader import BootEntry, check_kernel, load_kernel
 from trivmm.bus import MMIO_LIMIT, PIO_LIMIT, AddressSpace
@@ -187,7 +188,9 @@ class VM:
                            functools.partial(self._irq_line, MOUSE_IRQ))  # fmt: skip
         self.pio.insert(I8042_DATA_PORT, 5, self.i8042)
         self.pio.insert(RTC_PORT, 2, CmosRtc())
-        self.pio.insert(ACPI_PM_PORT, ACPI_PM_SIZE, AcpiPm(self._power_off, self._reset))
+        # The ACPI PM block's SCI (the power button's interrupt) is ISA IRQ 9, level.
+        self.acpi_pm = AcpiPm(self._power_off, self._reset, functools.partial(self._irq_line, SCI_IRQ))
+        self.pio.insert(ACPI_PM_PORT, ACPI_PM_SIZE, self.acpi_pm)
         self.pio.insert(PVPANIC_PORT, 1, PvPanic(self._panicked))
 
         devices = self._virtio_devices()
@@ -339,6 +342,16 @@ class VM:
 
     def _panicked(self) -> None:
         self._guest_stopped(StopReason.PANIC)
+
+    def powerdown(self) -> None:
+        """Press the guest's ACPI power button (QEMU's ``system_powerdown``) and return at once.
+
+        A guest with ACPI and someone listening (Linux's ``button`` driver and systemd-logind
+        or acpid) shuts down and powers off; ``wait()`` tells when. A guest without ACPI, or
+        one that ignores the button, runs on: follow with ``stop()`` after a grace period."""
+        if self._stop_reason is not None:
+            raise VmError("the VM has already stopped; there is no power button to press")
+        self.acpi_pm.press_power_button()
 
     async def stop(self) -> VmExit:
         """Stop the guest where it is (as pulling the plug) and wait for ``run()`` to end;

@@ -1,11 +1,12 @@
 """ACPI tables: RSDP -> XSDT -> {FADT -> DSDT, MADT}, written at ``ACPI_START``.
 
 The FADT describes PIIX4-like fixed hardware at PIO 0x600 (``trivmm.devices.acpi_pm``):
-PM1a event and control blocks and a reset register, no SMI command port (the platform is
-born in ACPI mode). The DSDT holds ``\\_S5`` = {5, 5, 0, 0}, which is what a kernel needs
-to power off through PM1a control, and the devices a guest finds only through ACPI: the
-pvpanic device (``\\_SB.PEVT``, ``QEMU0001``, its port in ``_CRS``). The MADT lists one enabled local APIC per
-vCPU and the IOAPIC; ISA IRQs map to GSIs one-to-one (no overrides), as KVM routes them.
+PM1a event and control blocks, a reset register and a fixed-feature power button (its SCI
+is IRQ 9), no SMI command port (the platform is born in ACPI mode). The DSDT holds
+``\\_S5`` = {5, 5, 0, 0}, which is what a kernel needs to power off through PM1a control,
+and the devices a guest finds only through ACPI: the pvpanic device (``\\_SB.PEVT``,
+``QEMU0001``, its port in ``_CRS``). The MADT lists one enabled local APIC per vCPU and the
+IOAPIC; ISA IRQs map to GSIs one-to-one (no overrides), as KVM routes them.
 
 With a ``PciLayout`` (a VM with PCI), the XSDT also lists an MCFG (the ECAM of segment 0,
 buses 0..ecam_buses-1), and the DSDT grows a PCI Express root bridge and a motherboard
@@ -52,8 +53,7 @@ _FADT_REVISION = 6
 _GAS_SYSTEM_IO = 1
 _ACCESS_BYTE, _ACCESS_WORD, _ACCESS_DWORD = 1, 2, 3
 _FADT_WBINVD = 1 << 0
-_FADT_PWR_BUTTON = 1 << 4  # no fixed-feature power button
-_FADT_SLP_BUTTON = 1 << 5
+_FADT_SLP_BUTTON = 1 << 5  # no fixed-feature sleep button (flag clear: a fixed power button, PM1 bit 8)
 _FADT_RESET_REG_SUP = 1 << 10
 _IAPC_LEGACY_DEVICES = 1 << 0
 _IAPC_8042 = 1 << 1
@@ -257,7 +257,7 @@ def _fadt(dsdt_address: int) -> bytes:
     put(88, "<BB", 4, 2)  # PM1_EVT_LEN, PM1_CNT_LEN
     put(96, "<HH", 0x65, 0x3E9)  # C2/C3 latencies above the limits: no C2/C3
     put(109, "<H", _IAPC_LEGACY_DEVICES | _IAPC_8042)
-    put(112, "<I", _FADT_WBINVD | _FADT_PWR_BUTTON | _FADT_SLP_BUTTON | _FADT_RESET_REG_SUP)
+    put(112, "<I", _FADT_WBINVD | _FADT_SLP_BUTTON | _FADT_RESET_REG_SUP)
     put(116, "<12s", _gas(ACPI_PM_PORT + RESET_OFFSET, 8, _ACCESS_BYTE))
     put(128, "<B", RESET_VALUE)
     put(131, "<B", 5)  # FADT minor version: 6.5

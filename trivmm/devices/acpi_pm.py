@@ -5,6 +5,12 @@ The FADT points at them: PM1a event block (offset 0: status, 2: enable), PM1a co
 sleep type of \\_S5 (the DSDT declares 5) powers the VM off; writing the reset value resets
 it. SCI_EN reads as set (the platform is always in ACPI mode; the FADT has no SMI command
 port). Tiny guests use the same registers, so one path ends every VM.
+
+The fixed-feature power button (``press_power_button``, QMP's ``system_powerdown``) sets
+PWRBTN_STS; the SCI (IRQ 9, level) is asserted while any status bit is set whose enable bit
+is set, as on PIIX4, and drops when the guest clears the status (write one to clear) or the
+enable. What the guest does with the event is its own business: Linux's ``button`` driver
+turns it into KEY_POWER, and user space (systemd-logind, acpid) powers off.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from collections.abc import Callable
 import attrs
 
 __all__ = ["AcpiPm", "AcpiPmState", "ACPI_PM_PORT", "ACPI_PM_SIZE", "PM1_EVENT_OFFSET", "PM1_CONTROL_OFFSET",
-           "RESET_OFFSET", "RESET_VALUE", "S5_SLEEP_TYPE", "POWER_OFF_VALUE"]  # fmt: skip
+           "RESET_OFFSET", "RESET_VALUE", "S5_SLEEP_TYPE", "POWER_OFF_VALUE", "PWRBTN_STS"]  # fmt: skip
 
 ACPI_PM_PORT = 0x600
 ACPI_PM_SIZE = 8
@@ -26,6 +32,7 @@ RESET_OFFSET = 6
 RESET_VALUE = 0x01
 S5_SLEEP_TYPE = 5
 _SCI_EN = 0x0001
+PWRBTN_STS = 0x0100  # PM1 status bit 8 (and PWRBTN_EN, the same bit of the enable register)
 _SLP_TYP_SHIFT = 10
 _SLP_TYP_MASK = 0x1C00
 _SLP_EN = 0x2000
@@ -40,9 +47,13 @@ class AcpiPmState:
 
 
 class AcpiPm:
-    def __init__(self, power_off: Callable[[], None], reset: Callable[[], None]) -> None:
+    def __init__(self, power_off: Callable[[], None], reset: Callable[[], None],
+                 sci: Callable[[bool], None] | None = None) -> None:  # fmt: skip
         self._power_off = power_off
         self._reset = reset
+        self._sci = sci  # drives the SCI line (level: True while asserted)
+        self._sci_level = False
+        self._sci_lock = threading.Lock()
         self._lock = threading.Lock()
         self._regs = bytearray(ACPI_PM_SIZE)  # status, enable, control, reset
         struct.pack_into("<H", self._regs, PM1_CONTROL_OFFSET, _SCI_EN)
@@ -51,6 +62,29 @@ class AcpiPm:
         with self._lock:
             value = self._regs[offset : offset + len(data)]
         data[:] = value if offset != RESET_OFFSET else bytes(len(data))
+
+    def press_power_button(self) -> None:
+        """A press of the fixed-feature power button: PWRBTN_STS set, the SCI raised if enabled."""
+        with self._lock:
+            self._regs[1] |= PWRBTN_STS >> 8
+        self._update_sci()
+
+    def _sci_wanted(self) -> bool:
+        status, enable = struct.unpack_from("<HH", self._regs, PM1_EVENT_OFFSET)
+        return bool(status & enable)
+
+    def _update_sci(self) -> None:
+        # The line follows the registers. Its own lock orders the changes (a vCPU's write and
+        # the host's button press may race); the register lock is not held while the line's
+        # callback takes KVM's irqchip ioctl.
+        if self._sci is None:
+            return
+        with self._sci_lock:
+            with self._lock:
+                level = self._sci_wanted()
+            if level != self._sci_level:
+                self._sci_level = level
+                self._sci(level)
 
     def write(self, offset: int, data: memoryview) -> None:
         with self._lock:
@@ -63,7 +97,13 @@ class AcpiPm:
                             self._regs[offset + i] = data[i]
                 else:
                     self._regs[offset : offset + len(data)] = data
-                return
+                events = True
+            else:
+                events = False
+        if events:
+            self._update_sci()
+            return
+        with self._lock:
             if offset == RESET_OFFSET:
                 reset = data[0] == RESET_VALUE
             else:
@@ -90,3 +130,5 @@ class AcpiPm:
         with self._lock:
             self._regs[:] = state.registers
             self._regs[PM1_CONTROL_OFFSET] |= _SCI_EN  # always in ACPI mode, as a write leaves it
+            # The line's level itself travels in the irqchip state; only remember it here.
+            self._sci_level = self._sci_wanted()

@@ -499,8 +499,15 @@ class QmpServer:
         return {}
 
     async def _system_powerdown(self, client: _Client, arguments: dict[str, Any]) -> Any:
-        raise QmpError("system_powerdown is not supported: trivmm's ACPI PM device has no power button "
-                       "(no SCI) yet; use quit, or power off from inside the guest")  # fmt: skip
+        # The ACPI power button, pressed; the guest decides (QEMU's POWERDOWN event says it was
+        # pressed, SHUTDOWN follows if the guest powers off).
+        vm = self._live_vm()
+        try:
+            vm.powerdown()
+        except TrivmmError as error:
+            raise QmpError(str(error)) from None
+        self.emit_event("POWERDOWN")
+        return {}
 
     async def _system_reset(self, client: _Client, arguments: dict[str, Any]) -> Any:
         vm = self._live_vm()
