@@ -1,4 +1,4 @@
-"""Guest physical memory: anonymous mmap regions, every access bounds-checked.
+"""Guest physical memory: private mmap regions, every access bounds-checked.
 
 A guest-physical address (GPA) is untrusted: it comes from descriptors, registers and
 boot structures the guest controls. ``GuestMemory`` resolves ``(gpa, length)`` to one
@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import mmap
+import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -41,7 +42,8 @@ class GuestMemoryError(ValueError):
 
 @attrs.define(eq=False)
 class MemoryRegion:
-    """One contiguous piece of guest RAM backed by an anonymous private mapping."""
+    """One contiguous piece of guest RAM: an anonymous private mapping, or (a restored
+    snapshot) a private, copy-on-write mapping of the snapshot file (``map_file_private``)."""
 
     guest_base: int
     size: int
@@ -59,6 +61,24 @@ class MemoryRegion:
         mapping = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         return cls(guest_base, size, mapping, _mapping_address(mapping), bytearray(size // PAGE_SIZE))
 
+    def map_file_private(self, fd: int, file_offset: int) -> None:
+        """Back the whole region by ``fd`` from ``file_offset`` on, copy-on-write
+        (``MAP_PRIVATE | MAP_FIXED`` over the region's own addresses): pages are read from
+        the file when first touched, and a write copies the page, never changing the file.
+        This is how a snapshot is restored lazily. The file must be at least
+        ``file_offset + size`` bytes (a page past its end faults with SIGBUS) and must not be
+        changed in place while the region lives (untouched pages show the file's contents).
+        The region's address is unchanged, so KVM's slot and every view stay valid."""
+        if file_offset < 0 or file_offset % PAGE_SIZE:
+            raise GuestMemoryError(f"file offset {file_offset:#x} is not page-aligned")
+        if os.fstat(fd).st_size < file_offset + self.size:
+            raise GuestMemoryError(f"the file is shorter than {file_offset + self.size} bytes")
+        flags = mmap.MAP_PRIVATE | _MAP_FIXED | getattr(mmap, "MAP_NORESERVE", 0)
+        result = _libc.mmap(self.host_address, self.size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, file_offset)
+        if result in (None, _MAP_FAILED) or result != self.host_address:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"mmap of the file over guest memory failed: {os.strerror(errno)}")
+
     @property
     def guest_end(self) -> int:
         return self.guest_base + self.size
@@ -66,6 +86,13 @@ class MemoryRegion:
     @property
     def pages(self) -> int:
         return self.size // PAGE_SIZE
+
+
+_MAP_FIXED = 0x10  # <sys/mman.h> on Linux (Python's mmap module does not export it)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 
 
 def _mapping_address(mapping: mmap.mmap) -> int:

@@ -17,22 +17,28 @@ from hypothesis import strategies as st
 from trivmm.errors import MigrationError
 from trivmm.migration.stream import (
     MAGIC,
+    MAPPED_VERSION,
     MAX_NAME,
     MAX_RUN_PAGES,
     PAGE_SIZE,
     PAYLOAD_LIMITS,
+    VERSION,
     FileSink,
     FileSource,
+    MemoryMapEntry,
     MemoryRun,
     SectionKind,
     StreamDecoder,
     StreamReader,
     StreamWriter,
+    decode_memory_map,
     decode_run,
     decode_stream,
     encode_header,
+    encode_memory_map,
     encode_run,
     encode_section,
+    image_checksum,
     page_runs,
 )
 
@@ -204,8 +210,8 @@ def test_header_errors_say_what_is_wrong() -> None:
         decode_stream(b"NOTASNAP" + SMALL[8:])
     with pytest.raises(MigrationError, match="bad magic"):
         decode_stream(b"X")
-    with pytest.raises(MigrationError, match="version 3 is not supported"):
-        decode_stream(struct.pack("<8sII", MAGIC, 3, 0) + SMALL[16:])
+    with pytest.raises(MigrationError, match="version 4 is not supported"):
+        decode_stream(struct.pack("<8sII", MAGIC, 4, 0) + SMALL[16:])
     with pytest.raises(MigrationError, match="unknown flags"):
         decode_stream(struct.pack("<8sII", MAGIC, 1, 4) + SMALL[16:])
     with pytest.raises(MigrationError, match="before its header"):
@@ -328,3 +334,55 @@ def test_file_sink_and_source_round_trip(tmp_path: Path) -> None:
     anyio.run(main)
     assert [s.kind for s in decode_stream(path.read_bytes())] == [SectionKind.CONFIG, SectionKind.MEMORY,
                                                                   SectionKind.END]  # fmt: skip
+
+
+# --- version 3: snapshot files with mapped memory images -----------------------------------------
+
+
+def _mapped_file(entries: list[MemoryMapEntry], images: bytes = b"") -> bytes:
+    data = encode_header(MAPPED_VERSION) + encode_section(0, SectionKind.CONFIG, "config", b"{}")
+    data += encode_section(1, SectionKind.MEMORY_MAP, "", encode_memory_map(entries))
+    return data + encode_section(2, SectionKind.END, "", b"") + images
+
+
+def test_a_version_3_file_carries_a_memory_map_and_its_images_after_end() -> None:
+    entries = [MemoryMapEntry(0, 4096, 2, 0x1234), MemoryMapEntry(1, 3 * 4096, 1, 0)]
+    sections = decode_stream(_mapped_file(entries, b"\x55" * 3 * 4096))  # images after END are not sections
+    assert [s.kind for s in sections] == [SectionKind.CONFIG, SectionKind.MEMORY_MAP, SectionKind.END]
+    assert decode_memory_map(sections[1].payload) == entries
+
+
+def test_memory_map_and_memory_runs_do_not_mix_across_versions() -> None:
+    run = encode_section(1, SectionKind.MEMORY, "", encode_run(MemoryRun(0, 0, 1)))
+    v3 = encode_header(MAPPED_VERSION) + encode_section(0, SectionKind.CONFIG, "config", b"{}") + run
+    with pytest.raises(MigrationError, match="a MEMORY section in a version 3 stream"):
+        decode_stream(v3)
+    memory_map = encode_section(1, SectionKind.MEMORY_MAP, "", encode_memory_map([MemoryMapEntry(0, 4096, 1, 0)]))
+    v1 = encode_header(VERSION) + encode_section(0, SectionKind.CONFIG, "config", b"{}") + memory_map
+    with pytest.raises(MigrationError, match="a MEMORY_MAP section in a version 1 stream"):
+        decode_stream(v1)
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    (b"", "not whole"),
+    (b"\x00" * 31, "not whole"),
+    (struct.pack("<IIQQII", 0, 1, 4096, 1, 0, 0), "unknown flags"),
+    (struct.pack("<IIQQII", 0, 0, 4096, 1, 0, 7), "unknown flags"),
+    (struct.pack("<IIQQII", 0, 0, 4097, 1, 0, 0), "not page-aligned"),
+    (struct.pack("<IIQQII", 0, 0, 4096, 0, 0, 0), "empty"),
+])  # fmt: skip
+def test_bad_memory_map_entries_are_refused(payload: bytes, message: str) -> None:
+    with pytest.raises(MigrationError, match=message):
+        decode_memory_map(payload)
+
+
+def test_the_image_checksum_covers_data_and_where_it_lies_not_zero_pages() -> None:
+    image = bytearray(8 * PAGE_SIZE)
+    image[2 * PAGE_SIZE] = 1
+    moved = bytearray(8 * PAGE_SIZE)
+    moved[3 * PAGE_SIZE] = 1
+    one = image_checksum(page_runs(bytes(image), 0))
+    assert one != image_checksum(page_runs(bytes(moved), 0))  # the same bytes one page further
+    in_windows = image_checksum(page_runs(bytes(image), 0, 4, 4), image_checksum(page_runs(bytes(image), 0, 0, 4)))
+    assert in_windows == one
+    assert image_checksum(page_runs(bytes(8 * PAGE_SIZE), 0)) == 0

@@ -47,13 +47,13 @@ def test_resend_runs_round_trip_in_version_2_only() -> None:
         decode_run(struct.pack("<IIQI", 0, 4, 0, 1), HOT_VERSION)
 
 
-def test_a_version_2_stream_decodes_and_version_3_is_refused() -> None:
+def test_a_version_2_stream_decodes_and_version_4_is_refused() -> None:
     stream = encode_header(HOT_VERSION) + encode_section(0, SectionKind.CONFIG, "config", b"{}")
     stream += encode_section(1, SectionKind.MEMORY, "", encode_run(MemoryRun(0, 0, 2, resend=True)))
     stream += encode_section(2, SectionKind.END, "", b"")
     assert [s.kind for s in decode_stream(stream)] == [SectionKind.CONFIG, SectionKind.MEMORY, SectionKind.END]
-    with pytest.raises(MigrationError, match="version 3 is not supported"):
-        decode_stream(struct.pack("<8sII", MAGIC, 3, 0) + stream[16:])
+    with pytest.raises(MigrationError, match="version 4 is not supported"):
+        decode_stream(struct.pack("<8sII", MAGIC, 4, 0) + stream[16:])
 
 
 def test_the_destination_takes_resends_only_over_pages_already_sent() -> None:

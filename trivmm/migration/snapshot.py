@@ -2,30 +2,38 @@
 
 ``snapshot_vm`` pauses the vCPUs (``VM.pause``), quiesces the devices whose backends work
 beside them (``Quiescent``: virtio), captures every piece of state while they are parked,
-writes the stream -- CONFIG, the STATE sections, guest memory as runs of pages,
-END -- and resumes the guest if it was running (unless asked not to). A file is written
-under a temporary name beside the target and renamed into place once complete and
-fsynced, so a failed snapshot (a full disk) leaves no partial file behind.
+writes it and resumes the guest if it was running (unless asked not to). To a stream
+(a ``ByteSink``): version 1 -- CONFIG, the STATE sections, guest memory as runs of pages,
+END. To a file: version 3 -- the same sections with a MEMORY_MAP instead of the runs, then
+each memory slot's image, raw and page-aligned, zero pages left as holes (a sparse file).
+A file is written under a temporary name beside the target and renamed into place once
+complete and fsynced, so a failed snapshot (a full disk) leaves no partial file behind,
+and a snapshot written over an older one never changes the file a restored VM maps.
 
 ``restore_vm`` reads the CONFIG section, checks the destination's configuration against it
 (or takes it from the snapshot), builds the VM with ``incoming=True`` (memory, devices and
 vCPUs, no kernel loaded), then reads the rest: each memory run is checked against the slots
 and written into guest memory as it arrives; every other section is checked and kept
-until the END section has been read, and only then applied. Any failure closes the VM
-being built -- its fds, threads and memory are released -- and raises ``MigrationError``.
+until the END section has been read, and only then applied. A version 3 file's slot images
+are checked against the file's size and the slots, then mapped copy-on-write over guest
+memory (``MemoryRegion.map_file_private``): nothing is read until the guest touches it, so
+a restore costs the same for any memory size. Their checksums are checked only with
+``verify_memory=True`` (which reads all of it first). Any failure closes the VM being
+built -- its fds, threads and memory are released -- and raises ``MigrationError``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import mmap
 import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import anyio
 import attrs
@@ -53,18 +61,25 @@ from trivmm.migration.state import (
 )
 from trivmm.migration.storage import DiskReceiver
 from trivmm.migration.stream import (
+    MAPPED_VERSION,
     PAGE_SIZE,
     VERSION,
     ByteSink,
     ByteSource,
     FileSink,
     FileSource,
+    MemoryMapEntry,
     MemoryRun,
     SectionKind,
     StreamReader,
     StreamWriter,
     decode_disk_run,
+    decode_memory_map,
     decode_run,
+    encode_header,
+    encode_memory_map,
+    encode_section,
+    image_checksum,
     page_runs,
 )
 
@@ -82,8 +97,9 @@ _SCAN_WINDOW_PAGES = 4096  # pages scanned for zero runs per worker-thread call 
 
 @attrs.frozen
 class SnapshotInfo:
-    """What a snapshot wrote: bytes, pages (and how many were zero, costing nothing), and
-    how long the guest was paused for it."""
+    """What a snapshot wrote: bytes (a file's zero pages are holes: its apparent size is
+    larger), pages (and how many were zero, costing nothing), and how long the guest was
+    paused for it."""
 
     size: int
     pages: int
@@ -251,17 +267,23 @@ async def snapshot_vm(vm: VM, target: SnapshotTarget, *, resume: bool = True) ->
                 await provider.quiesce()
         states = await anyio.to_thread.run_sync(_capture, vm, devices)
         assert [name for name, _ in states] == names
-        async with _sink_for(target) as sink:
-            writer = StreamWriter(sink)
-            await writer.header()
-            await writer.section(SectionKind.CONFIG, "config", encode_state(SavedConfig.of(vm, names)))
-            for name, payload in states:
-                await writer.section(SectionKind.STATE, name, payload)
-            pages, zero_pages = await _send_memory(writer, vm.memory)
-            await writer.end()
-            if isinstance(sink, FileSink):
-                await sink.flush()  # all of it in the file; the fsync and rename need no paused guest
-            await release_guest()
+        config = encode_state(SavedConfig.of(vm, names))
+        if isinstance(target, str | os.PathLike):
+            async with _mapped_file(target) as fd:
+                size, pages, zero_pages = await _write_mapped(fd, vm.memory, config, states)
+                await release_guest()  # the fsync and rename need no paused guest
+            assert paused_for is not None
+            return SnapshotInfo(size, pages, zero_pages, paused_for)
+        writer = StreamWriter(target)
+        await writer.header()
+        await writer.section(SectionKind.CONFIG, "config", config)
+        for name, payload in states:
+            await writer.section(SectionKind.STATE, name, payload)
+        pages, zero_pages = await _send_memory(writer, vm.memory)
+        await writer.end()
+        if isinstance(target, FileSink):
+            await target.flush()  # all of it in the file before the guest runs on
+        await release_guest()
         assert paused_for is not None
         return SnapshotInfo(writer.bytes_written, pages, zero_pages, paused_for)
     except ValueError as exc:  # a section the stream cannot carry (encode_section)
@@ -313,37 +335,94 @@ def _scan(region: MemoryRegion, slot: int, first: int, count: int) -> list[Memor
     return list(page_runs(region.mapping, slot, first, count))
 
 
+async def _write_mapped(fd: int, memory: GuestMemory, config: bytes,
+                        states: list[tuple[str, bytes]]) -> tuple[int, int, int]:  # fmt: skip
+    """A version 3 snapshot into ``fd``: the slot images first (page-aligned, after room
+    for the sections), then the sections at offset 0, the map carrying the images'
+    checksums. Returns (bytes written, pages, zero pages): zero pages are holes."""
+
+    def sections(entries: list[MemoryMapEntry]) -> bytes:
+        parts = [encode_header(MAPPED_VERSION), encode_section(0, SectionKind.CONFIG, "config", config)]
+        parts += [encode_section(i, SectionKind.STATE, name, payload) for i, (name, payload) in enumerate(states, 1)]
+        parts.append(encode_section(len(states) + 1, SectionKind.MEMORY_MAP, "", encode_memory_map(entries)))
+        parts.append(encode_section(len(states) + 2, SectionKind.END, "", b""))
+        return b"".join(parts)
+
+    regions = list(memory)
+    placeholder = [MemoryMapEntry(slot, 0, region.pages, 0) for slot, region in enumerate(regions)]
+    offset = -(-len(sections(placeholder)) // PAGE_SIZE) * PAGE_SIZE  # the map's size does not change
+    entries: list[MemoryMapEntry] = []
+    pages = zero_pages = written = 0
+    for slot, region in enumerate(regions):
+        crc = 0
+        for first in range(0, region.pages, _SCAN_WINDOW_PAGES):
+            count = min(_SCAN_WINDOW_PAGES, region.pages - first)
+            window = functools.partial(_write_image_window, fd, offset, region, slot, first, count, crc)
+            crc, zeros = await anyio.to_thread.run_sync(window)
+            zero_pages += zeros
+            written += (count - zeros) * PAGE_SIZE
+        entries.append(MemoryMapEntry(slot, offset, region.pages, crc))
+        pages += region.pages
+        offset += region.size
+    head = sections(entries)
+    await anyio.to_thread.run_sync(_write_head, fd, head, offset)
+    return written + len(head), pages, zero_pages
+
+
+def _write_image_window(fd: int, image_offset: int, region: MemoryRegion, slot: int, first: int, count: int,
+                        crc: int) -> tuple[int, int]:  # fmt: skip
+    """Pages ``first .. first+count-1`` of a slot into its image (zero runs left as holes);
+    returns the image checksum so far and the zero pages seen."""
+    runs = list(page_runs(region.mapping, slot, first, count))
+    zeros = 0
+    for run in runs:
+        if run.data is None:
+            zeros += run.pages
+        else:
+            _pwrite_all(fd, run.data, image_offset + run.first_page * PAGE_SIZE)
+    return image_checksum(iter(runs), crc), zeros
+
+
+def _write_head(fd: int, head: bytes, size: int) -> None:
+    os.ftruncate(fd, size)  # the images' trailing zero pages: a hole
+    _pwrite_all(fd, head, 0)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    with memoryview(data) as view:
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
+
+
 @contextlib.asynccontextmanager
-async def _sink_for(target: SnapshotTarget) -> AsyncIterator[ByteSink]:
-    """``target`` as a sink; a path is written to a temporary file renamed into place once
-    the body has finished (and removed if it fails)."""
-    if not isinstance(target, str | os.PathLike):
-        yield target
-        return
+async def _mapped_file(target: str | os.PathLike[str]) -> AsyncIterator[int]:
+    """A temporary file's fd beside ``target``; renamed into place (after an fsync) once
+    the body has finished, removed if it fails."""
     path = Path(target)
     try:
         make = functools.partial(tempfile.mkstemp, prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
         fd, partial = await anyio.to_thread.run_sync(make)
-        file = os.fdopen(fd, "wb")
     except OSError as exc:
         raise MigrationError(f"cannot write the snapshot {path}: {exc.strerror or exc}") from None
     try:
-        sink = FileSink(file)
-        yield sink
-        await sink.flush(sync=True)
-        await anyio.to_thread.run_sync(file.close)
+        yield fd
+        await anyio.to_thread.run_sync(os.fsync, fd)
+        await anyio.to_thread.run_sync(os.close, fd)
+        fd = -1
         await anyio.to_thread.run_sync(os.replace, partial, path)
     except OSError as exc:
-        _discard(file, partial)
+        _discard_fd(fd, partial)
         raise MigrationError(f"writing the snapshot {path} failed: {exc.strerror or exc}") from None
     except BaseException:
-        _discard(file, partial)
+        _discard_fd(fd, partial)
         raise
 
 
-def _discard(file: object, partial: str) -> None:
-    with contextlib.suppress(OSError):
-        file.close()  # type: ignore[attr-defined]
+def _discard_fd(fd: int, partial: str) -> None:
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(partial)
 
@@ -353,16 +432,19 @@ def _discard(file: object, partial: str) -> None:
 
 async def restore_vm(source: SnapshotSource, config: VmConfig | None = None, *, console_output: ConsoleOutput = None,
                      console_input: ConsoleInput = None, kvm_path: str = "/dev/kvm",
-                     adapt: Callable[[VmConfig], VmConfig] | None = None) -> VM:  # fmt: skip
+                     adapt: Callable[[VmConfig], VmConfig] | None = None,
+                     verify_memory: bool = False) -> VM:  # fmt: skip
     """A VM built from the snapshot or stream ``source``, its state applied, ready to
     ``run()`` on from where the source stopped. ``config`` (None: the snapshot's own,
     passed through ``adapt`` if given -- e.g. a destination's own disk paths) must have the
     source's shape -- memory, vCPUs, CPU template, devices -- or this raises
     ``MigrationError``, as it does for any problem with the stream; the VM built so far is
-    then closed."""
+    then closed. A snapshot file (version 3) has its memory mapped, not read:
+    ``verify_memory`` reads it first to check its checksums (every other section is always
+    checked)."""
     from trivmm.vm import VM
 
-    async with _source_for(source) as (stream, is_file):
+    async with _source_for(source) as (stream, file):
         reader = StreamReader(stream)
         first = await reader.section()
         if first.kind is not SectionKind.CONFIG:
@@ -381,8 +463,8 @@ async def restore_vm(source: SnapshotSource, config: VmConfig | None = None, *, 
         with anyio.CancelScope(shield=True):  # a VM built is a VM closed below
             vm = await anyio.to_thread.run_sync(build)
         try:
-            await _receive(vm, saved, reader)
-            if is_file:
+            await _receive(vm, saved, reader, file, verify_memory)
+            if file is not None and reader.version != MAPPED_VERSION:
                 await reader.expect_end_of_input()
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -392,22 +474,25 @@ async def restore_vm(source: SnapshotSource, config: VmConfig | None = None, *, 
 
 
 @contextlib.asynccontextmanager
-async def _source_for(source: SnapshotSource) -> AsyncIterator[tuple[ByteSource, bool]]:
+async def _source_for(source: SnapshotSource) -> AsyncIterator[tuple[ByteSource, IO[bytes] | None]]:
+    """``source`` as a byte source, and the file behind it (None for a stream)."""
     if not isinstance(source, str | os.PathLike):
-        yield source, False
+        yield source, None
         return
     try:
         file = await anyio.to_thread.run_sync(open, source, "rb")
     except OSError as exc:
         raise MigrationError(f"cannot read the snapshot {source}: {exc.strerror or exc}") from None
     try:
-        yield FileSource(file), True
+        yield FileSource(file), file
     finally:
         file.close()
 
 
-async def _receive(vm: VM, saved: SavedConfig, reader: StreamReader) -> None:
-    """Read the sections after CONFIG into ``vm`` (built with ``incoming=True``)."""
+async def _receive(vm: VM, saved: SavedConfig, reader: StreamReader, file: IO[bytes] | None = None,
+                   verify_memory: bool = False) -> None:  # fmt: skip
+    """Read the sections after CONFIG into ``vm`` (built with ``incoming=True``); a version
+    3 ``file``'s slot images are mapped once every section has been checked."""
     assert vm.memory is not None
     devices = vm_devices(vm)
     _refuse_unsaveable(devices)
@@ -420,11 +505,18 @@ async def _receive(vm: VM, saved: SavedConfig, reader: StreamReader) -> None:
     disks = DiskReceiver(vm, [disk.path for disk in saved.disks])
     states: dict[str, bytes] = {}
     vcpus: dict[str, VcpuState] = {}
+    images: list[MemoryMapEntry] | None = None
     while True:
         section = await reader.section()
         if section.kind is SectionKind.END:
             break
-        if section.kind is SectionKind.MEMORY:
+        if section.kind is SectionKind.MEMORY_MAP:
+            if file is None:
+                raise MigrationError(f"section {section.sequence}: a memory map, but not in a snapshot file")
+            if images is not None:
+                raise MigrationError(f"section {section.sequence}: a second memory map")
+            images = decode_memory_map(section.payload)
+        elif section.kind is SectionKind.MEMORY:
             run = decode_run(section.payload, reader.version or VERSION)
             memory.check(run)
             await memory.write(run)
@@ -445,13 +537,65 @@ async def _receive(vm: VM, saved: SavedConfig, reader: StreamReader) -> None:
             states[name] = section.payload
         else:
             raise MigrationError(f"section {section.sequence}: a second {section.kind.name} section")
-    memory.check_complete()
-    await disks.finish()
     missing = [name for name in expected if name not in states]
     if missing:
         raise MigrationError(f"the stream ended without state section(s) {', '.join(missing)}")
+    if reader.version == MAPPED_VERSION:
+        if images is None:
+            raise MigrationError("the snapshot file has no memory map")
+        assert file is not None
+        await anyio.to_thread.run_sync(_map_images, vm.memory, images, file.fileno(), reader.sections_end,
+                                       verify_memory)  # fmt: skip
+    else:
+        memory.check_complete()
+        await disks.finish()
     await anyio.to_thread.run_sync(_apply, vm, devices, states, vcpus)
     vm.incoming = False
+
+
+def _map_images(memory: GuestMemory, images: list[MemoryMapEntry], fd: int, sections_end: int,
+                verify: bool) -> None:  # fmt: skip
+    """Check a version 3 file's map against the slots and the file, then map each image
+    copy-on-write over its slot (``verify``: check the images' checksums first)."""
+    regions = list(memory)
+    if sorted(entry.slot for entry in images) != list(range(len(regions))):
+        raise MigrationError(f"the memory map names slots {sorted(e.slot for e in images)}; "
+                             f"this VM has {len(regions)}")  # fmt: skip
+    size = os.fstat(fd).st_size
+    extents = []
+    for entry in images:
+        region = regions[entry.slot]
+        if entry.pages != region.pages:
+            raise MigrationError(f"the memory map gives slot {entry.slot} {entry.pages} pages; it has {region.pages}")
+        end = entry.file_offset + region.size
+        if entry.file_offset < sections_end or end > size:
+            raise MigrationError(f"slot {entry.slot}'s image (bytes {entry.file_offset}..{end}) is not inside "
+                                 f"the file's {size} bytes after its sections (truncated or corrupt)")  # fmt: skip
+        extents.append((entry.file_offset, end))
+    extents.sort()
+    if extents[-1][1] != size:
+        raise MigrationError(f"the snapshot file has {size - extents[-1][1]} bytes after its last memory image")
+    if any(a_end > b_start for (_, a_end), (b_start, _) in itertools.pairwise(extents)):
+        raise MigrationError("the memory map's slot images overlap")
+    if verify:
+        for entry in images:
+            _verify_image(fd, entry)
+    for entry in images:
+        try:
+            regions[entry.slot].map_file_private(fd, entry.file_offset)
+        except (OSError, ValueError) as exc:
+            raise MigrationError(f"cannot map slot {entry.slot}'s image: {exc}") from None
+
+
+def _verify_image(fd: int, entry: MemoryMapEntry) -> None:
+    with mmap.mmap(fd, entry.pages * PAGE_SIZE, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ,
+                   offset=entry.file_offset) as image:  # fmt: skip
+        crc = 0
+        for first in range(0, entry.pages, _SCAN_WINDOW_PAGES):
+            count = min(_SCAN_WINDOW_PAGES, entry.pages - first)
+            crc = image_checksum(page_runs(image, entry.slot, first, count), crc)
+    if crc != entry.checksum:
+        raise MigrationError(f"slot {entry.slot}'s memory image has a bad checksum (the snapshot file is corrupt)")
 
 
 def _apply(vm: VM, devices: DeviceSet, states: dict[str, bytes], vcpus: dict[str, VcpuState]) -> None:

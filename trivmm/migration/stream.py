@@ -14,10 +14,16 @@ costs an error, never memory or time). Memory travels in MEMORY sections, one ru
 pages each (``MemoryRun``): a slot, a first page, a page count, and the pages' bytes -- or
 no bytes at all for a run of zero pages.
 
-Version 1 carries every page exactly once, in order (a snapshot, a cold migration). Version 2
-(hot migration, ``HOT_VERSION``) adds runs flagged RESEND: pages sent before, sent again
-because the guest wrote them meanwhile; such a run replaces what its pages held, and may
-come in any order once the first, complete pass over a slot has covered them.
+Version 1 carries every page exactly once, in order (a cold migration, a snapshot written
+to a stream). Version 2 (hot migration, ``HOT_VERSION``) adds runs flagged RESEND: pages sent
+before, sent again because the guest wrote them meanwhile; such a run replaces what its
+pages held, and may come in any order once the first, complete pass over a slot has covered
+them. Version 3 (``MAPPED_VERSION``) is a snapshot *file* whose memory is not in sections
+at all: a MEMORY_MAP section (before END) gives, per slot, where in the file the slot's
+image lies -- raw pages at a page-aligned offset after the END section, zero pages left as
+holes -- so a restore maps the images copy-on-write and the guest runs at once
+(``MemoryMapEntry``). Each entry carries a CRC-32 of the image's non-zero runs, which a
+restore that reads the memory anyway (``verify_memory``) checks.
 
 ``StreamDecoder`` is the parser without I/O (fed bytes, it hands out sections);
 ``StreamReader`` and ``StreamWriter`` put it on an anyio byte stream or a file
@@ -46,12 +52,15 @@ __all__ = ["MAGIC", "VERSION", "HOT_VERSION", "SUPPORTED_VERSIONS", "PAGE_SIZE",
            "StreamWriter", "ByteSink", "ByteSource", "FileSink", "FileSource", "encode_header",
            "encode_section", "section_parts", "encode_run", "run_parts", "decode_run", "page_runs",
            "decode_stream", "describe_io_error", "DiskRun", "disk_run_parts", "decode_disk_run", "DISK_UNIT",
-           "MAX_DISK_RUN_BYTES", "MAX_DISK_ZERO_BYTES"]  # fmt: skip
+           "MAX_DISK_RUN_BYTES", "MAX_DISK_ZERO_BYTES", "MAPPED_VERSION", "MemoryMapEntry", "encode_memory_map",
+           "decode_memory_map", "image_checksum", "MAX_MAPPED_SLOTS"]  # fmt: skip
 
 MAGIC = b"TRIVMMVM"
 VERSION = 1  # what snapshots and cold migrations write: every page once, in order
 HOT_VERSION = 2  # hot migration: version 1 plus RESEND runs (pages sent again)
-SUPPORTED_VERSIONS = frozenset({VERSION, HOT_VERSION})
+MAPPED_VERSION = 3  # a snapshot file: memory as page-aligned slot images after the sections
+SUPPORTED_VERSIONS = frozenset({VERSION, HOT_VERSION, MAPPED_VERSION})
+MAX_MAPPED_SLOTS = 64
 PAGE_SIZE = 4096
 MAX_RUN_PAGES = 512  # pages of data in one MEMORY section (2 MiB); zero runs may be longer
 MAX_ZERO_RUN_PAGES = (1 << 32) - 1
@@ -63,6 +72,7 @@ _RUN = struct.Struct("<IIQI")  # slot, flags, first page, page count
 _RUN_ZERO = 0x1
 _RUN_RESEND = 0x2  # version 2: pages sent before; this run replaces them
 _DISK_RUN = struct.Struct("<IIQI")  # disk, flags, offset (bytes), length (bytes)
+_MAP_ENTRY = struct.Struct("<IIQQII")  # slot, flags (0), file offset, pages, CRC-32 of the non-zero runs, 0
 DISK_UNIT = 512  # a DISK run's offset and length are multiples of this (a sector)
 MAX_DISK_RUN_BYTES = 1 << 20  # bytes of data in one DISK section
 MAX_DISK_ZERO_BYTES = (1 << 32) - DISK_UNIT  # a zero DISK run's longest extent
@@ -80,6 +90,7 @@ class SectionKind(enum.IntEnum):
     MEMORY = 3  # one run of guest pages (MemoryRun)
     END = 4  # the last section: empty
     DISK = 5  # version 2, with --copy-storage: one extent of a disk image's contents (DiskRun)
+    MEMORY_MAP = 6  # version 3 only: where each slot's image lies in the file (MemoryMapEntry)
 
 
 PAYLOAD_LIMITS: dict[SectionKind, int] = {
@@ -88,6 +99,7 @@ PAYLOAD_LIMITS: dict[SectionKind, int] = {
     SectionKind.MEMORY: _RUN.size + MAX_RUN_PAGES * PAGE_SIZE,
     SectionKind.END: 0,
     SectionKind.DISK: _DISK_RUN.size + MAX_DISK_RUN_BYTES,
+    SectionKind.MEMORY_MAP: _MAP_ENTRY.size * MAX_MAPPED_SLOTS,
 }
 
 
@@ -213,6 +225,51 @@ def page_runs(mapping: mmap.mmap | bytes, slot: int, first_page: int = 0,
     yield from flush(page)
 
 
+# --- mapped memory (version 3 snapshot files) -------------------------------------------------
+
+
+@attrs.frozen
+class MemoryMapEntry:
+    """Slot ``slot``'s image in a version 3 snapshot file: ``pages`` pages from byte
+    ``file_offset`` (page-aligned), and ``checksum``, the CRC-32 of its non-zero runs
+    (``image_checksum``)."""
+
+    slot: int
+    file_offset: int
+    pages: int
+    checksum: int
+
+
+def encode_memory_map(entries: list[MemoryMapEntry]) -> bytes:
+    return b"".join(_MAP_ENTRY.pack(e.slot, 0, e.file_offset, e.pages, e.checksum, 0) for e in entries)
+
+
+def decode_memory_map(payload: bytes) -> list[MemoryMapEntry]:
+    """A MEMORY_MAP section's entries, their fields checked (not yet against a file or VM)."""
+    if not payload or len(payload) % _MAP_ENTRY.size:
+        raise MigrationError(f"memory map of {len(payload)} bytes is not whole {_MAP_ENTRY.size}-byte entries")
+    entries = []
+    for offset in range(0, len(payload), _MAP_ENTRY.size):
+        slot, flags, file_offset, pages, checksum, reserved = _MAP_ENTRY.unpack_from(payload, offset)
+        if flags or reserved:
+            raise MigrationError(f"memory map entry for slot {slot} has unknown flags")
+        if file_offset % PAGE_SIZE or pages == 0:
+            raise MigrationError(f"memory map entry for slot {slot}: {pages} pages at file offset {file_offset} "
+                                 "(not page-aligned, or empty)")  # fmt: skip
+        entries.append(MemoryMapEntry(slot, file_offset, pages, checksum))
+    return entries
+
+
+def image_checksum(runs: Iterator[MemoryRun], crc: int = 0) -> int:
+    """The CRC-32 of a slot image as a MemoryMapEntry carries it: over each non-zero run's
+    first page and page count (two u64) and its bytes, in order; zero runs count nothing.
+    Feed it the image in windows (the result of one window is the next one's ``crc``)."""
+    for run in runs:
+        if run.data is not None:
+            crc = zlib.crc32(run.data, zlib.crc32(struct.pack("<QQ", run.first_page, run.pages), crc))
+    return crc
+
+
 # --- disk runs (--copy-storage) ----------------------------------------------------------------
 
 
@@ -261,6 +318,11 @@ def decode_disk_run(payload: bytes) -> DiskRun:
 # --- reading ------------------------------------------------------------------------------------
 
 
+# Kinds a version 3 file and the other versions do not share: memory comes as a map there,
+# as runs elsewhere (a mapped snapshot carries no disk contents either).
+_MAPPED_KINDS = frozenset({SectionKind.MEMORY_MAP, SectionKind.MEMORY, SectionKind.DISK})
+
+
 class StreamDecoder:
     """The stream parser, without I/O: ``feed`` it bytes, take sections with
     ``next_section`` (None until one is complete), call ``finish`` at the end of input."""
@@ -270,9 +332,12 @@ class StreamDecoder:
         self.version: int | None = None
         self.ended = False
         self._sequence = 0
+        self.consumed = 0  # bytes of the header and the sections read so far
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self.ended and len(data):
+            if self.version == MAPPED_VERSION:
+                return  # the slot images follow the sections; the restore maps them
             raise MigrationError("data after the stream's end section")
         self._buffer += data
 
@@ -293,6 +358,7 @@ class StreamDecoder:
                 raise MigrationError(f"stream header has unknown flags {flags:#x}")
             self.version = version
             del buffer[: _HEADER.size]
+            self.consumed = _HEADER.size
         if self.ended or len(buffer) < _FRAME.size:
             return None
         sequence, kind_value, name_length, reserved, length = _FRAME.unpack_from(buffer)
@@ -313,6 +379,7 @@ class StreamDecoder:
             return None
         frame = bytes(buffer[:total])
         del buffer[:total]
+        self.consumed += total
         (crc,) = _CRC.unpack_from(frame, total - _CRC.size)
         with memoryview(frame) as view:
             if zlib.crc32(view[: total - _CRC.size]) != crc:
@@ -326,10 +393,14 @@ class StreamDecoder:
             raise MigrationError(f"{where}: bad section name {name!r}")
         if kind is SectionKind.DISK and (self.version or VERSION) < HOT_VERSION:
             raise MigrationError(f"{where}: a DISK section in a version {self.version} stream")
+        if (kind is SectionKind.MEMORY_MAP) != (self.version == MAPPED_VERSION) and kind in _MAPPED_KINDS:
+            raise MigrationError(f"{where}: a {kind.name} section in a version {self.version} stream")
         self._sequence += 1
         if kind is SectionKind.END:
             self.ended = True
-            if buffer:
+            if self.version == MAPPED_VERSION:
+                buffer.clear()  # the slot images
+            elif buffer:
                 raise MigrationError("data after the stream's end section")
         return Section(sequence, kind, name, payload)
 
@@ -390,6 +461,11 @@ class StreamReader:
     @property
     def version(self) -> int | None:
         return self._decoder.version
+
+    @property
+    def sections_end(self) -> int:
+        """Where the sections read so far end in the stream (a version 3 file's images lie after)."""
+        return self._decoder.consumed
 
     async def section(self) -> Section:
         """The next section (after the end section: an error)."""
