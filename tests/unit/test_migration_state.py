@@ -124,6 +124,17 @@ def test_state_json_errors_name_the_field() -> None:
         decode_state(Outer, b"{", "outer")
 
 
+def test_a_field_added_later_with_a_default_may_be_absent_a_required_one_may_not() -> None:
+    from trivmm.migration.snapshot import SavedConfig
+
+    older = {"kernel": None, "initrd": None, "append": "", "memory": 1 << 24, "vcpus": 1, "cpu_template": "host",
+             "boot_protocol": "auto", "cmdline_base": "", "transport": "pci", "rng": False, "disks": [], "net": [],
+             "vsock": None, "memory_slots": [[0, 1 << 24]], "sections": ["vcpu/0"]}  # before "display" existed
+    assert decode_state(SavedConfig, json.dumps(older).encode(), "config").display is None
+    with pytest.raises(MigrationError, match=r"missing fields \['vcpus'\]"):
+        decode_state(SavedConfig, json.dumps({k: v for k, v in older.items() if k != "vcpus"}).encode(), "config")
+
+
 # --- platform devices -------------------------------------------------------------------------------
 
 

@@ -40,6 +40,7 @@ import attrs
 from trivmm.boot.layout import FRAMEBUFFER_BASE, FRAMEBUFFER_LIMIT
 from trivmm.boot.screen_info import ScreenInfo
 from trivmm.kvm.constants import MEM_LOG_DIRTY_PAGES
+from trivmm.memory import MemoryRegion
 
 if TYPE_CHECKING:
     from trivmm.kvm.vm import Vm
@@ -338,6 +339,22 @@ class Display:
             for page in range(offset // _PAGE, -(-(offset + len(data)) // _PAGE)):
                 self._host_dirty[page] = 1
             self._host_written = self._host_written or bool(data)
+
+    # --- saved state (trivmm.migration: the framebuffer travels as one more memory slot) --------
+    def memory_region(self) -> MemoryRegion:
+        """The framebuffer as a ``MemoryRegion`` (the same pages, not a copy), for the
+        snapshot and migration code, which carry it after guest RAM's slots."""
+        with self._lock:
+            if self._mapping is None:
+                raise ValueError("the display is closed")
+            return MemoryRegion(self.base, self.size, self._mapping, self.host_address, bytearray(self.pages))
+
+    def invalidate(self) -> None:
+        """Treat every page as written (its contents came from a snapshot or a migration,
+        which KVM's dirty log did not see): the next ``collect`` reports the whole screen."""
+        with self._lock:
+            self._host_dirty = bytearray(b"\x01" * self.pages)
+            self._host_written = True
 
     def close(self) -> None:
         """Forget the VM and unmap the framebuffer (after the VM's vCPUs have stopped)."""

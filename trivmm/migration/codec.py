@@ -11,7 +11,8 @@ exception escapes them.
 * ``encode_state``/``decode_state``: a frozen attrs state class (``SerialState``...) as JSON,
   bytes as ``{"$b": "<hex>"}``; decoding checks every field against the class's annotated
   type (int, bool, str, bytes, None, ``tuple[X, ...]``, dicts of str to those, nested
-  attrs classes, unions of these) before the class is built.
+  attrs classes, unions of these) before the class is built. Unknown fields are refused;
+  a field with a default may be missing (it was added after the stream was written).
 """
 
 from __future__ import annotations
@@ -191,11 +192,15 @@ def _build(cls: Any, value: Any, depth: int) -> Any:
     hints = typing.get_type_hints(cls)
     fields = attrs.fields(cls)
     names = {f.name for f in fields}
-    if set(value) != names:
-        extra, missing = sorted(set(value) - names), sorted(names - set(value))
+    # A field added later has a default: a stream written before it may leave it out.
+    required = {f.name for f in fields if f.default is attrs.NOTHING}
+    if not set(value) <= names or not required <= set(value):
+        extra, missing = sorted(set(value) - names), sorted(required - set(value))
         raise _Bad(f"{cls.__name__}: unknown fields {extra}, missing fields {missing}")
     kwargs = {}
     for f in fields:
+        if f.name not in value:
+            continue
         try:
             kwargs[f.name] = _from_json(value[f.name], hints[f.name], depth)
         except _Bad as exc:

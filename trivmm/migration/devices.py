@@ -122,8 +122,7 @@ def vm_devices(vm: VM) -> DeviceSet:
         _add_virtio(providers, refused, f"virtio-mmio{index}", transport, "virtio-mmio transport")
     for index, function in enumerate(vm.virtio_pci):
         _add_virtio(providers, refused, f"virtio-pci{index}", function, "virtio-pci transport")
-    if getattr(vm, "display", None) is not None:
-        refused["display"] = "the framebuffer (--display) is not saved yet"
+    # A display's framebuffer travels as a memory slot (snapshot.saved_regions), not here.
     for space in (vm.pio, vm.mmio):
         for bus_range in space.ranges:
             if id(bus_range.device) not in owned:

@@ -50,7 +50,14 @@ from trivmm.memory import MemoryRegion
 from trivmm.migration.codec import encode_state
 from trivmm.migration.devices import Quiescent, vm_devices
 from trivmm.migration.dirty import DirtyLog, dirty_runs
-from trivmm.migration.snapshot import SavedConfig, _capture, _refuse_unsaveable, _state_sections, snapshot_vm
+from trivmm.migration.snapshot import (
+    SavedConfig,
+    _capture,
+    _refuse_unsaveable,
+    _state_sections,
+    saved_regions,
+    snapshot_vm,
+)
 from trivmm.migration.storage import StorageCopy
 from trivmm.migration.stream import (
     HOT_VERSION,
@@ -559,7 +566,11 @@ class _Run:
         assert progress is not None
         self.progress = progress
         assert self.vm.memory is not None and self.vm.vm is not None
-        self.regions = list(self.vm.memory)
+        # RAM's slots, then the framebuffer's if any. Only RAM is dirty-logged for the
+        # migration (the display consumes its own slot's log for screen updates), so the
+        # framebuffer goes whole in round 0 and again whole at stop-and-copy (_extra_bits).
+        self.regions = saved_regions(self.vm)
+        self.ram_slots = len(list(self.vm.memory))
         self.dirty: DirtyLog | None = None
         self.was_paused = self.vm.paused
         self.paused_by_us = False
@@ -697,7 +708,7 @@ class _Run:
                 high = 0
             progress.rounds += 1
             round_start, sent_before = now, self._sent()
-            await self._send_bits(writer, bits)
+            await self._send_bits(writer, bits + self._extra_bits(final=False))
             if storage is not None:
                 await self._send_disk(writer, written, resend=True)
             self._measure(self._sent() - sent_before, time.monotonic() - round_start)
@@ -709,11 +720,17 @@ class _Run:
         last = await anyio.to_thread.run_sync(self.dirty.sync)
         # what the converging sync found, what was dirtied since, every page the VMM wrote
         bits = [b | more | written for b, more, written in zip(bits, last, self.dirty.vmm_written, strict=True)]
+        bits += self._extra_bits(final=True)
         progress.remaining_pages = sum(b.bit_count() for b in bits)
         await self._send_bits(writer, bits)
         if storage is not None:  # what the converging sync found, and what was written since (quiesced now)
             await self._send_disk(writer, written + storage.written(), resend=True)
         await self._send_state(writer, devices)
+
+    def _extra_bits(self, *, final: bool) -> list[int]:
+        """Dirty bits for the slots after RAM's (the framebuffer): none during the rounds,
+        every page at stop-and-copy."""
+        return [(1 << region.pages) - 1 if final else 0 for region in self.regions[self.ram_slots :]]
 
     def _sent(self) -> int:
         link = self.engine._link

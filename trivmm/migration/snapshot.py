@@ -43,7 +43,7 @@ from trivmm.config import DiskConfig, NetConfig, VmConfig, VsockConfig
 from trivmm.cpu.quirks import QuirkHooks
 from trivmm.cpu.templates import get_template
 from trivmm.errors import ConfigError, MigrationError
-from trivmm.memory import GuestMemory, MemoryRegion
+from trivmm.memory import MemoryRegion
 from trivmm.migration.codec import decode_state, encode_state
 from trivmm.migration.devices import DEVICE_PREFIX, DeviceSet, Quiescent, vm_devices
 from trivmm.migration.state import (
@@ -87,7 +87,8 @@ if TYPE_CHECKING:
     from trivmm.console import ConsoleInput, ConsoleOutput
     from trivmm.vm import VM
 
-__all__ = ["snapshot_vm", "restore_vm", "SnapshotInfo", "SavedConfig", "SnapshotTarget", "SnapshotSource"]
+__all__ = ["snapshot_vm", "restore_vm", "SnapshotInfo", "SavedConfig", "SnapshotTarget", "SnapshotSource",
+           "saved_regions"]
 
 SnapshotTarget = str | os.PathLike[str] | ByteSink
 SnapshotSource = str | os.PathLike[str] | ByteSource
@@ -151,6 +152,9 @@ class SavedConfig:
     vsock: SavedVsock | None
     memory_slots: tuple[tuple[int, int], ...]
     sections: tuple[str, ...]
+    # The framebuffer (width, height), carried as one more memory slot after RAM's
+    # (``saved_regions``); absent from snapshots written before displays travelled.
+    display: tuple[int, int] | None = None
 
     @classmethod
     def of(cls, vm: VM, sections: list[str]) -> SavedConfig:
@@ -164,6 +168,7 @@ class SavedConfig:
             net=tuple(SavedNet(n.tap, n.mac) for n in c.net),
             vsock=None if c.vsock is None else SavedVsock(c.vsock.cid, str(c.vsock.uds)),
             memory_slots=tuple((r.guest_base, r.size) for r in vm.memory), sections=tuple(sections),
+            display=c.display,
         )  # fmt: skip
 
     def vm_config(self) -> VmConfig:
@@ -176,6 +181,7 @@ class SavedConfig:
                 disks=tuple(DiskConfig(d.path, d.format, d.readonly, d.serial) for d in self.disks),
                 net=tuple(NetConfig(n.tap, n.mac) for n in self.net),
                 vsock=None if self.vsock is None else VsockConfig(self.vsock.cid, self.vsock.uds),
+                display=self.display,
             )  # fmt: skip
         except (ConfigError, TypeError, ValueError) as exc:
             raise MigrationError(f"the snapshot's configuration is not valid: {exc}") from None
@@ -188,10 +194,10 @@ class SavedConfig:
             raise MigrationError(str(exc)) from None
         mine = {"memory": _size(config.memory), "vcpus": config.vcpus, "CPU template": template,
                 "virtio-rng": config.rng, "disks": len(config.disks), "NICs": len(config.net),
-                "vsock": config.vsock is not None}  # fmt: skip
+                "vsock": config.vsock is not None, "display": _screen(config.display)}  # fmt: skip
         theirs = {"memory": _size(self.memory), "vcpus": self.vcpus, "CPU template": self.cpu_template,
                   "virtio-rng": self.rng, "disks": len(self.disks), "NICs": len(self.net),
-                  "vsock": self.vsock is not None}  # fmt: skip
+                  "vsock": self.vsock is not None, "display": _screen(self.display)}  # fmt: skip
         if config.rng or config.disks or config.net or config.vsock:
             mine["virtio transport"], theirs["virtio transport"] = config.transport, self.transport
         wrong = [f"{key} {mine[key]} here, {theirs[key]} in the snapshot" for key in mine if mine[key] != theirs[key]]
@@ -200,6 +206,20 @@ class SavedConfig:
         if tuple(ram_ranges(config.memory)) != self.memory_slots:
             raise MigrationError("the snapshot's memory slots are not this VM's "
                                  f"({list(self.memory_slots)} against {ram_ranges(config.memory)})")  # fmt: skip
+
+
+def _screen(display: tuple[int, int] | None) -> str:
+    return "none" if display is None else f"{display[0]}x{display[1]}"
+
+
+def saved_regions(vm: VM) -> list[MemoryRegion]:
+    """The memory a snapshot or migration carries, as its slots in order: guest RAM's
+    regions, then the framebuffer's (a display's pages are guest-visible memory too)."""
+    assert vm.memory is not None
+    regions = list(vm.memory)
+    if vm.display is not None:
+        regions.append(vm.display.memory_region())
+    return regions
 
 
 def _size(size: int) -> str:
@@ -270,7 +290,7 @@ async def snapshot_vm(vm: VM, target: SnapshotTarget, *, resume: bool = True) ->
         config = encode_state(SavedConfig.of(vm, names))
         if isinstance(target, str | os.PathLike):
             async with _mapped_file(target) as fd:
-                size, pages, zero_pages = await _write_mapped(fd, vm.memory, config, states)
+                size, pages, zero_pages = await _write_mapped(fd, saved_regions(vm), config, states)
                 await release_guest()  # the fsync and rename need no paused guest
             assert paused_for is not None
             return SnapshotInfo(size, pages, zero_pages, paused_for)
@@ -279,7 +299,7 @@ async def snapshot_vm(vm: VM, target: SnapshotTarget, *, resume: bool = True) ->
         await writer.section(SectionKind.CONFIG, "config", config)
         for name, payload in states:
             await writer.section(SectionKind.STATE, name, payload)
-        pages, zero_pages = await _send_memory(writer, vm.memory)
+        pages, zero_pages = await _send_memory(writer, saved_regions(vm))
         await writer.end()
         if isinstance(target, FileSink):
             await target.flush()  # all of it in the file before the guest runs on
@@ -306,10 +326,10 @@ def _capture(vm: VM, devices: DeviceSet) -> list[tuple[str, bytes]]:
     return states
 
 
-async def _send_memory(writer: StreamWriter, memory: GuestMemory) -> tuple[int, int]:
+async def _send_memory(writer: StreamWriter, regions: list[MemoryRegion]) -> tuple[int, int]:
     """Every page of every slot as runs (zero runs merged); returns (pages, zero pages)."""
     pages = zero_pages = 0
-    for slot, region in enumerate(memory):
+    for slot, region in enumerate(regions):
         pending: MemoryRun | None = None  # a zero run that the next window may extend
         for first in range(0, region.pages, _SCAN_WINDOW_PAGES):
             count = min(_SCAN_WINDOW_PAGES, region.pages - first)
@@ -335,7 +355,7 @@ def _scan(region: MemoryRegion, slot: int, first: int, count: int) -> list[Memor
     return list(page_runs(region.mapping, slot, first, count))
 
 
-async def _write_mapped(fd: int, memory: GuestMemory, config: bytes,
+async def _write_mapped(fd: int, regions: list[MemoryRegion], config: bytes,
                         states: list[tuple[str, bytes]]) -> tuple[int, int, int]:  # fmt: skip
     """A version 3 snapshot into ``fd``: the slot images first (page-aligned, after room
     for the sections), then the sections at offset 0, the map carrying the images'
@@ -348,7 +368,6 @@ async def _write_mapped(fd: int, memory: GuestMemory, config: bytes,
         parts.append(encode_section(len(states) + 2, SectionKind.END, "", b""))
         return b"".join(parts)
 
-    regions = list(memory)
     placeholder = [MemoryMapEntry(slot, 0, region.pages, 0) for slot, region in enumerate(regions)]
     offset = -(-len(sections(placeholder)) // PAGE_SIZE) * PAGE_SIZE  # the map's size does not change
     entries: list[MemoryMapEntry] = []
@@ -501,7 +520,8 @@ async def _receive(vm: VM, saved: SavedConfig, reader: StreamReader, file: IO[by
         missing, extra = sorted(set(expected) - set(saved.sections)), sorted(set(saved.sections) - set(expected))
         raise MigrationError(f"the snapshot's state does not fit this VM: this VM also has {missing or 'nothing'}, "
                              f"the snapshot also has {extra or 'nothing'}")  # fmt: skip
-    memory = _MemoryReceiver(vm.memory)
+    regions = saved_regions(vm)
+    memory = _MemoryReceiver(regions)
     disks = DiskReceiver(vm, [disk.path for disk in saved.disks])
     states: dict[str, bytes] = {}
     vcpus: dict[str, VcpuState] = {}
@@ -544,20 +564,21 @@ async def _receive(vm: VM, saved: SavedConfig, reader: StreamReader, file: IO[by
         if images is None:
             raise MigrationError("the snapshot file has no memory map")
         assert file is not None
-        await anyio.to_thread.run_sync(_map_images, vm.memory, images, file.fileno(), reader.sections_end,
+        await anyio.to_thread.run_sync(_map_images, regions, images, file.fileno(), reader.sections_end,
                                        verify_memory)  # fmt: skip
     else:
         memory.check_complete()
         await disks.finish()
     await anyio.to_thread.run_sync(_apply, vm, devices, states, vcpus)
+    if vm.display is not None:
+        vm.display.invalidate()  # its pages came from the stream, unseen by the dirty log: redraw it all
     vm.incoming = False
 
 
-def _map_images(memory: GuestMemory, images: list[MemoryMapEntry], fd: int, sections_end: int,
+def _map_images(regions: list[MemoryRegion], images: list[MemoryMapEntry], fd: int, sections_end: int,
                 verify: bool) -> None:  # fmt: skip
     """Check a version 3 file's map against the slots and the file, then map each image
     copy-on-write over its slot (``verify``: check the images' checksums first)."""
-    regions = list(memory)
     if sorted(entry.slot for entry in images) != list(range(len(regions))):
         raise MigrationError(f"the memory map names slots {sorted(e.slot for e in images)}; "
                              f"this VM has {len(regions)}")  # fmt: skip
@@ -622,8 +643,8 @@ class _MemoryReceiver:
     the slot -- and writes it into guest memory. A RESEND run (stream version 2) may
     replace any pages the first pass has already covered."""
 
-    def __init__(self, memory: GuestMemory) -> None:
-        self._regions = list(memory)
+    def __init__(self, regions: list[MemoryRegion]) -> None:
+        self._regions = regions
         self._next = [0] * len(self._regions)
 
     def check(self, run: MemoryRun) -> None:

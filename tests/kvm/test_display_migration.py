@@ -1,0 +1,99 @@
+"""A VM with a display travels whole: its framebuffer is one more memory slot after RAM's
+in snapshots (a version 3 file, mapped; a version 1 stream) and in hot migration (sent whole
+in round 0 and again at stop-and-copy, the display keeping its own dirty log for the screen).
+The restored display reports the whole screen changed, so a VNC client redraws at once.
+Tiny guests of tests/kvm/test_display.py: one that draws its pattern and idles, one that
+redraws for ever."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+
+import trivmm
+from tests.kvm.test_display import HEIGHT, WIDTH, DONE, display_guest, native_pattern, wait_for
+from tests.kvm.test_qmp import BACKENDS
+from trivmm import VM, MigrationError, VmConfig
+from trivmm.devices.display import Rect
+from trivmm.migration import listen
+
+pytestmark = [pytest.mark.kvm, pytest.mark.usefixtures("binutils")]
+SCREEN = Rect(0, 0, WIDTH, HEIGHT)
+
+
+def _pixels(vm: VM) -> bytes:
+    assert vm.display is not None
+    return vm.display.read(SCREEN)
+
+
+class _Chunks:
+    """A ByteSink, then a ByteSource, over a list of chunks."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    async def send(self, item: bytes) -> None:
+        if item:  # an empty chunk would read as the end of the stream
+            self.chunks.append(bytes(item))
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if not self.chunks:
+            raise anyio.EndOfStream
+        return self.chunks.pop(0)
+
+
+@BACKENDS
+def test_a_display_vm_snapshots_to_a_file_and_a_stream_and_restores_its_screen(backend: str, tmp_path: Path) -> None:
+    config = VmConfig(kernel=display_guest(tmp_path), memory="16M", display=(WIDTH, HEIGHT))
+    path = tmp_path / "display.snap"
+
+    async def main() -> None:
+        stream = _Chunks()
+        async with trivmm.open_vm(config) as source:
+            await wait_for(lambda: source.memory is not None and source.memory.read_u32(DONE) == 1)
+            await source.snapshot(path)
+            await source.snapshot(stream)
+            assert _pixels(source) == native_pattern()
+        for what in (path, stream):
+            vm = await VM.restore(what)
+            with vm:
+                assert vm.config.display == (WIDTH, HEIGHT) and vm.display is not None
+                assert _pixels(vm) == native_pattern(), what
+                assert vm.display.refresh() == [SCREEN]  # the whole screen is news to a viewer
+                assert vm.display.refresh() == []
+        with pytest.raises(MigrationError, match="display none here, 320x200 in the snapshot"):
+            await VM.restore(path, VmConfig(kernel=display_guest(tmp_path), memory="16M"))
+
+    anyio.run(main, backend=backend)
+
+
+@BACKENDS
+def test_hot_migration_carries_the_framebuffer_as_it_was_at_the_switch_over(backend: str, tmp_path: Path) -> None:
+    config = VmConfig(kernel=display_guest(tmp_path, busy=True), memory="16M", display=(WIDTH, HEIGHT))
+
+    async def main() -> None:
+        async with listen(f"unix:{tmp_path / 'in.sock'}") as listener, trivmm.open_vm(config) as source:
+            await wait_for(lambda: source.memory is not None and source.memory.read_u32(DONE) >= 1)
+            received: list[tuple[bytes, list[Rect]]] = []
+            destinations: list[VM] = []
+
+            async def destination() -> None:
+                vm = await listener.accept()
+                with vm:
+                    assert vm.display is not None
+                    received.append((_pixels(vm), vm.display.refresh()))  # before it runs
+                    destinations.append(vm)
+                    await vm.run()  # the source waits for it to run (RUNNING) before it completes
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(destination)
+                info = await source.migrate(listener.uri, downtime_ms=5)
+                await destinations[0].stop()
+            assert source.paused and info.status == "completed"
+            pixels, damage = received[0]
+            assert pixels == _pixels(source)  # the source's screen as it stopped
+            assert damage == [SCREEN]
+
+    anyio.run(main, backend=backend)
