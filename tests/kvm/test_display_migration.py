@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 import trivmm
-from tests.kvm.test_display import HEIGHT, WIDTH, DONE, display_guest, native_pattern, wait_for
+from tests.kvm.test_display import DONE, HEIGHT, WIDTH, display_guest, native_pattern, wait_for
 from tests.kvm.test_qmp import BACKENDS
 from trivmm import VM, MigrationError, VmConfig
 from trivmm.devices.display import Rect
