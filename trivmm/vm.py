@@ -142,6 +142,9 @@ class VM:
         self._paused: set[int] = set()
         self._pause_done: anyio.Event | None = None
         self.snapshotting = False  # VM.snapshot() under way (a migration then refuses to start)
+        # run() parks every vCPU before its first instruction (a guest restored from a source
+        # that was paused stays paused, as QEMU's destination does): resume() lets it go.
+        self.start_paused = False
         self._ran = False
         self._finished: anyio.Event | None = None
         self._outcome: VmExit | BaseException | None = None
@@ -393,6 +396,10 @@ class VM:
         self._ran = True
         finished = self._finished_event()
         self._caller = LoopCaller.current()
+        if self.start_paused:  # the threads park as they start; pause() and paused agree
+            self._pause_done = anyio.Event()
+            for runner in self.runners:
+                runner.request_pause()
         task_status.started()
         try:
             result = await self._run_with_console()

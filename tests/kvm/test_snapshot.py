@@ -418,3 +418,36 @@ def _mapped_file_at(address: int) -> tuple[str, int] | None:
         if start <= address < end:
             return (fields[5].strip(), int(fields[4])) if len(fields) == 6 and fields[4] != "0" else None
     return None
+
+
+def test_a_guest_that_was_paused_comes_back_paused(backend: str, tmp_path: Path) -> None:
+    """The run state travels (CONFIG's ``running``, as QEMU's global state): a snapshot of
+    a paused VM restores into a VM whose run() parks every vCPU before it runs; a snapshot
+    taken while it ran restores running, even with ``resume=False``."""
+    elf = assemble("cpl3_loop", tmp_path)
+    config = VmConfig(kernel=elf, memory="16M")
+    paused_snap, running_snap = tmp_path / "paused.snap", tmp_path / "running.snap"
+
+    async def main() -> None:
+        async with trivmm.open_vm(config) as source:
+            await wait_for(lambda: counter(source) > 1000)
+            await source.snapshot(running_snap, resume=False)  # it ran when the snapshot began
+            await source.snapshot(paused_snap)  # paused by the one before: stays paused
+            assert source.paused
+            frozen = counter(source)
+        vm = await VM.restore(paused_snap)
+        with vm:
+            assert vm.start_paused
+            async with anyio.create_task_group() as tg:
+                await tg.start(vm.run)
+                await wait_for(lambda: vm.paused)
+                await anyio.sleep(0.2)
+                assert counter(vm) == frozen, "the guest ran before it was resumed"
+                await vm.resume()
+                await wait_for(lambda: counter(vm) > frozen + 100_000)
+                await vm.stop()
+        async with trivmm.open_vm(restore_from=running_snap) as vm:
+            assert not vm.start_paused
+            await wait_for(lambda: counter(vm) > frozen + 100_000)
+
+    run_on(backend, main)

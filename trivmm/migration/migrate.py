@@ -602,7 +602,7 @@ class _Run:
                     with sending:
                         await writer.header()
                         await writer.section(SectionKind.CONFIG, "config",
-                                             encode_state(SavedConfig.of(self.vm, names)))  # fmt: skip
+                                             encode_state(SavedConfig.of(self.vm, names, running=not self.was_paused)))  # fmt: skip
                         if self.progress.cold:
                             await self._cold(writer, devices)
                         else:

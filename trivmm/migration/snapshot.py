@@ -155,9 +155,12 @@ class SavedConfig:
     # The framebuffer (width, height), carried as one more memory slot after RAM's
     # (``saved_regions``); absent from snapshots written before displays travelled.
     display: tuple[int, int] | None = None
+    # Whether the guest was running when the snapshot or migration began: a destination
+    # of a paused source starts paused (``VM.start_paused``), as QEMU's does.
+    running: bool = True
 
     @classmethod
-    def of(cls, vm: VM, sections: list[str]) -> SavedConfig:
+    def of(cls, vm: VM, sections: list[str], *, running: bool) -> SavedConfig:
         c = vm.config
         assert vm.memory is not None
         return cls(
@@ -168,7 +171,7 @@ class SavedConfig:
             net=tuple(SavedNet(n.tap, n.mac) for n in c.net),
             vsock=None if c.vsock is None else SavedVsock(c.vsock.cid, str(c.vsock.uds)),
             memory_slots=tuple((r.guest_base, r.size) for r in vm.memory), sections=tuple(sections),
-            display=c.display,
+            display=c.display, running=running,
         )  # fmt: skip
 
     def vm_config(self) -> VmConfig:
@@ -287,7 +290,7 @@ async def snapshot_vm(vm: VM, target: SnapshotTarget, *, resume: bool = True) ->
                 await provider.quiesce()
         states = await anyio.to_thread.run_sync(_capture, vm, devices)
         assert [name for name, _ in states] == names
-        config = encode_state(SavedConfig.of(vm, names))
+        config = encode_state(SavedConfig.of(vm, names, running=not was_paused))
         if isinstance(target, str | os.PathLike):
             async with _mapped_file(target) as fd:
                 size, pages, zero_pages = await _write_mapped(fd, saved_regions(vm), config, states)
@@ -572,6 +575,7 @@ async def _receive(vm: VM, saved: SavedConfig, reader: StreamReader, file: IO[by
     await anyio.to_thread.run_sync(_apply, vm, devices, states, vcpus)
     if vm.display is not None:
         vm.display.invalidate()  # its pages came from the stream, unseen by the dirty log: redraw it all
+    vm.start_paused = not saved.running
     vm.incoming = False
 
 
