@@ -185,8 +185,10 @@ def _options(help_text: str) -> set[str]:
     return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", help_text)) - {"--help"}
 
 
-@pytest.mark.parametrize("command", [(), ("run",), ("guest", "build"), ("migrate",), ("snapshot",)],
-                         ids=["python -m trivmm", "run", "guest build", "migrate", "snapshot"])  # fmt: skip
+@pytest.mark.parametrize("command", [(), ("run",), ("guest", "build"), ("migrate",), ("snapshot",), ("serve",),
+                                     ("vm", "define"), ("vm", "stop"), ("vm", "events")],
+                         ids=["python -m trivmm", "run", "guest build", "migrate", "snapshot", "serve", "vm define",
+                              "vm stop", "vm events"])  # fmt: skip
 def test_cli_reference_lists_every_option(command: tuple[str, ...]) -> None:
     options = _options(_help(*command))
     assert options, "no options found in the help text: has its format changed?"
@@ -204,7 +206,8 @@ def test_cli_reference_names_every_command_and_exit_status() -> None:
 
     text = CLI_DOC.read_text()
     for command in ("python -m trivmm run", "python -m trivmm guest build", "python -m trivmm guest builtin",
-                    "python -m trivmm migrate", "python -m trivmm snapshot"):  # fmt: skip
+                    "python -m trivmm migrate", "python -m trivmm snapshot", "python -m trivmm serve",
+                    "python -m trivmm vm"):  # fmt: skip
         assert f"## `{command}" in text, command
     statuses = {value for name, value in vars(cli).items() if name.startswith("EXIT_")}
     assert statuses == {0, 1, 2, 3, 130}

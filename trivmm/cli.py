@@ -21,7 +21,7 @@ import stat
 import sys
 import termios
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 import anyio.abc
@@ -38,15 +38,12 @@ if TYPE_CHECKING:
     from trivmm.vm import VM, VmExit
     from trivmm.vnc import VncServer
 
-__all__ = ["main"]
+__all__ = ["main", "add_run_options", "parse_run_args", "vm_config_from_args"]
 
 EXIT_OK, EXIT_VM_FAILED, EXIT_BAD_INPUT, EXIT_GUEST_PANIC, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _parser() -> argparse.ArgumentParser:
-    from trivmm.config import DEFAULT_LINUX_CMDLINE, MAX_VCPUS
-    from trivmm.cpu.templates import TEMPLATES
-
     parser = argparse.ArgumentParser(prog="python -m trivmm",
                                      description="trivmm: a KVM virtual machine monitor.")  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -60,6 +57,86 @@ def _parser() -> argparse.ArgumentParser:
         "Exit status: 0 when the guest powers off or resets, 1 when the VM fails, 2 for bad "
         "input, 3 when the guest kernel panicked, 130 on Ctrl-C.",
     )
+    add_run_options(run)
+
+    migrate = sub.add_parser(
+        "migrate",
+        help="move a running guest to another trivmm (hot or cold)",
+        description="Migrate the guest of the trivmm whose control socket (run --api-sock) is SRC to "
+        "the destination DST, a trivmm started with run --incoming DST (tcp:HOST:PORT or unix:PATH), or "
+        "into a snapshot file (file:PATH). Hot (pre-copy) unless --cold. Exits 0 once the destination "
+        "runs the guest (the source is then quit, unless --keep-source), 1 when the migration failed "
+        "(the source runs on), 2 for bad input.",
+    )
+    migrate.add_argument("src", metavar="SRC", help="the source's control socket (run --api-sock PATH)")
+    migrate.add_argument("dst", metavar="DST", help="where to: tcp:HOST:PORT, unix:PATH or file:PATH")
+    migrate.add_argument("--cold", action="store_true",
+                         help="pause the guest first and send everything once (file: is always cold)")
+    migrate.add_argument("--downtime-ms", metavar="N", type=int,
+                         help="the longest pause for the switch-over that pre-copy aims at (default 300)")
+    migrate.add_argument("--max-bandwidth", metavar="RATE",
+                         help="bytes per second the stream may use, e.g. 100M (default: no limit)")
+    migrate.add_argument("--copy-storage", action="store_true",
+                         help="copy the writable disks' contents too (the destination's own --disk images, "
+                              "of the same size), as virsh migrate does with copy-storage-all")
+    migrate.add_argument("--keep-source", action="store_true",
+                         help="leave the source paused (postmigrate) instead of quitting it after a migration")
+
+    snapshot = sub.add_parser(
+        "snapshot",
+        help="write a running guest's snapshot to a file",
+        description="Write the complete state of the guest of the trivmm whose control socket (run "
+        "--api-sock) is SRC to FILE (written atomically); a guest that was running runs on. Restore it "
+        "with run --incoming file:FILE.",
+    )
+    snapshot.add_argument("src", metavar="SRC", help="the source's control socket (run --api-sock PATH)")
+    snapshot.add_argument("file", metavar="FILE", help="the snapshot file to write")
+
+    state_dir_help = ("the host service's state directory (default /var/lib/trivmm for root, else "
+                      "$XDG_STATE_HOME/trivmm or ~/.local/state/trivmm)")  # fmt: skip
+    serve = sub.add_parser(
+        "serve",
+        help="run the host service: every defined VM, a control socket and a web console",
+        description="Run the host service (docs/host.md): the VMs defined with `vm define`, kept in SQLite "
+        "under the state directory, each running in this process; `python -m trivmm vm ...` drives them "
+        "through the control socket STATE_DIR/trivmm.sock (mode 0600). VMs recorded as running when the "
+        "service last ended are reported stopped; autostart VMs are started. SIGTERM or Ctrl-C stops every "
+        "VM and the service.",
+    )
+    serve.add_argument("--state-dir", metavar="DIR", help=state_dir_help)
+    serve.add_argument("--listen", metavar="HOST:PORT|none", default="127.0.0.1:8006",
+                       help="where the web console listens (none: no web console) (default 127.0.0.1:8006)")
+    vm = sub.add_parser("vm", help="define, start, stop and attach to the host service's VMs",
+                        description="The host service's VMs (like virsh): each ACTION asks the service "
+                        "running on the state directory (python -m trivmm serve). Exit status: 0 done, 1 "
+                        "failed (no service, a VM in the wrong state), 2 bad input (an unknown VM, bad run "
+                        "options).")  # fmt: skip
+    from trivmm.host.verbs import add_vm_verbs
+
+    add_vm_verbs(vm, state_dir_help)
+
+    guest = sub.add_parser("guest", help="build test guests from Debian packages")
+    guest_sub = guest.add_subparsers(dest="guest_command", required=True, metavar="ACTION")
+    build = guest_sub.add_parser("build", help="build the Debian-based test guests into a cache directory",
+                                 description="Build (a) a small kernel from Debian's linux-source with "
+                                 "trivmm's config fragment and (b) the stock Debian cloud kernel, each with "
+                                 "a busybox-static initramfs. Needs root and apt.")  # fmt: skip
+    build.add_argument("--dir", metavar="PATH",
+                       help="cache directory (default $TRIVMM_GUEST_DIR or ~/.cache/trivmm/guests)")
+    which = build.add_mutually_exclusive_group()
+    which.add_argument("--small-only", action="store_true", help="only the small kernel")
+    which.add_argument("--stock-only", action="store_true", help="only the stock cloud kernel")
+    build.add_argument("--jobs", type=int, default=None, help="parallel make jobs (default: all cores)")
+    guest_sub.add_parser("builtin", help="reassemble the built-in guest from its source (GNU as/ld)")
+    return parser
+
+
+def add_run_options(run: argparse.ArgumentParser) -> None:
+    """``run``'s options (the VM's shape, devices, display, ...) on ``run``: shared by
+    ``python -m trivmm run`` and the host service's VM definitions (``vm define``)."""
+    from trivmm.config import DEFAULT_LINUX_CMDLINE, MAX_VCPUS
+    from trivmm.cpu.templates import TEMPLATES
+
     run.add_argument("--kernel", metavar="PATH", help="bzImage or ELF vmlinux (default: the built-in guest)")
     run.add_argument("--initrd", metavar="PATH", help="initramfs image")
     run.add_argument("--append", metavar="STR", default="",
@@ -113,54 +190,6 @@ def _parser() -> argparse.ArgumentParser:
                           "the guest's shape comes from the stream, --disk/--net/--vsock replace its device "
                           "backends (docs/migration.md)")  # fmt: skip
 
-    migrate = sub.add_parser(
-        "migrate",
-        help="move a running guest to another trivmm (hot or cold)",
-        description="Migrate the guest of the trivmm whose control socket (run --api-sock) is SRC to "
-        "the destination DST, a trivmm started with run --incoming DST (tcp:HOST:PORT or unix:PATH), or "
-        "into a snapshot file (file:PATH). Hot (pre-copy) unless --cold. Exits 0 once the destination "
-        "runs the guest (the source is then quit, unless --keep-source), 1 when the migration failed "
-        "(the source runs on), 2 for bad input.",
-    )
-    migrate.add_argument("src", metavar="SRC", help="the source's control socket (run --api-sock PATH)")
-    migrate.add_argument("dst", metavar="DST", help="where to: tcp:HOST:PORT, unix:PATH or file:PATH")
-    migrate.add_argument("--cold", action="store_true",
-                         help="pause the guest first and send everything once (file: is always cold)")
-    migrate.add_argument("--downtime-ms", metavar="N", type=int,
-                         help="the longest pause for the switch-over that pre-copy aims at (default 300)")
-    migrate.add_argument("--max-bandwidth", metavar="RATE",
-                         help="bytes per second the stream may use, e.g. 100M (default: no limit)")
-    migrate.add_argument("--copy-storage", action="store_true",
-                         help="copy the writable disks' contents too (the destination's own --disk images, "
-                              "of the same size), as virsh migrate does with copy-storage-all")
-    migrate.add_argument("--keep-source", action="store_true",
-                         help="leave the source paused (postmigrate) instead of quitting it after a migration")
-
-    snapshot = sub.add_parser(
-        "snapshot",
-        help="write a running guest's snapshot to a file",
-        description="Write the complete state of the guest of the trivmm whose control socket (run "
-        "--api-sock) is SRC to FILE (written atomically); a guest that was running runs on. Restore it "
-        "with run --incoming file:FILE.",
-    )
-    snapshot.add_argument("src", metavar="SRC", help="the source's control socket (run --api-sock PATH)")
-    snapshot.add_argument("file", metavar="FILE", help="the snapshot file to write")
-
-    guest = sub.add_parser("guest", help="build test guests from Debian packages")
-    guest_sub = guest.add_subparsers(dest="guest_command", required=True, metavar="ACTION")
-    build = guest_sub.add_parser("build", help="build the Debian-based test guests into a cache directory",
-                                 description="Build (a) a small kernel from Debian's linux-source with "
-                                 "trivmm's config fragment and (b) the stock Debian cloud kernel, each with "
-                                 "a busybox-static initramfs. Needs root and apt.")  # fmt: skip
-    build.add_argument("--dir", metavar="PATH",
-                       help="cache directory (default $TRIVMM_GUEST_DIR or ~/.cache/trivmm/guests)")
-    which = build.add_mutually_exclusive_group()
-    which.add_argument("--small-only", action="store_true", help="only the small kernel")
-    which.add_argument("--stock-only", action="store_true", help="only the stock cloud kernel")
-    build.add_argument("--jobs", type=int, default=None, help="parallel make jobs (default: all cores)")
-    guest_sub.add_parser("builtin", help="reassemble the built-in guest from its source (GNU as/ld)")
-    return parser
-
 
 @contextlib.contextmanager
 def _guest_terminal(fd: int) -> Iterator[None]:
@@ -193,10 +222,32 @@ def _write_stdout(data: bytes) -> None:
         view = view[written:]
 
 
-def _run(args: argparse.Namespace) -> int:
+class _RunOptionsParser(argparse.ArgumentParser):
+    """run's options alone; a bad one is a ``ConfigError`` with argparse's message."""
+
+    def error(self, message: str) -> NoReturn:
+        from trivmm.errors import ConfigError
+
+        raise ConfigError(message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        from trivmm.errors import ConfigError
+
+        raise ConfigError((message or "").strip() or "--help is not a VM option")
+
+
+def parse_run_args(argv: Sequence[str]) -> argparse.Namespace:
+    """``argv`` (``python -m trivmm run``'s options) parsed as ``run`` does; a bad option is a
+    ``ConfigError`` carrying argparse's message (``--help`` included: nothing is printed)."""
+    parser = _RunOptionsParser(prog="python -m trivmm run", add_help=False)
+    add_run_options(parser)
+    return parser.parse_args(list(argv))
+
+
+def vm_config_from_args(args: argparse.Namespace) -> VmConfig:
+    """The ``VmConfig`` that ``run``'s parsed options describe (``ConfigError`` for bad ones,
+    the option combinations included)."""
     from trivmm.config import DiskConfig, NetConfig, VmConfig, VsockConfig
-    from trivmm.vcpu import StopReason
-    from trivmm.vm import VM
 
     config = VmConfig(kernel=args.kernel, initrd=args.initrd, append=args.append, memory=args.memory,
                       vcpus=args.vcpus, cpu_template=args.cpu_template, boot_protocol=args.boot_protocol,
@@ -208,6 +259,14 @@ def _run(args: argparse.Namespace) -> int:
     _check_display_options(args)
     if args.incoming is not None:
         _check_incoming_options(args)
+    return config
+
+
+def _run(args: argparse.Namespace) -> int:
+    from trivmm.vcpu import StopReason
+    from trivmm.vm import VM
+
+    config = vm_config_from_args(args)
 
     async def main() -> int:
         stdin = _stdin_stream()
@@ -605,6 +664,41 @@ def _snapshot(args: argparse.Namespace) -> int:
     return anyio.run(_migration_command, args.src, body, backend="trio")
 
 
+# --- the host service: serve, vm (docs/host.md) ----------------------------------------------------
+def _serve(args: argparse.Namespace) -> int:
+    """``serve``: the host service until SIGTERM or Ctrl-C (which stop its VMs first)."""
+    import signal
+    from pathlib import Path
+
+    from trivmm.host.manager import default_state_dir
+    from trivmm.host.service import parse_listen, serve
+
+    listen = parse_listen(args.listen)
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+
+    async def main() -> int:
+        try:
+            async with anyio.create_task_group() as tg:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    await tg.start(serve, state_dir, listen)
+                    async for signum in signals:
+                        print(f"trivmm: {signal.Signals(signum).name}: stopping the VMs and the service",
+                              file=sys.stderr, flush=True)  # fmt: skip
+                        break
+                    tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise _one_error(group) from None
+        return EXIT_OK
+
+    return anyio.run(main, backend="trio")
+
+
+def _vm(args: argparse.Namespace) -> int:
+    from trivmm.host.verbs import run_verb
+
+    return run_verb(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from trivmm.errors import ConfigError, TrivmmError
@@ -612,7 +706,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trivmm.kvm import KvmError, KvmUnavailable
 
     try:
-        commands = {"run": _run, "guest": _guest, "migrate": _migrate, "snapshot": _snapshot}
+        commands = {"run": _run, "guest": _guest, "migrate": _migrate, "snapshot": _snapshot, "serve": _serve,
+                    "vm": _vm}
         return commands[args.command](args)
     except KeyboardInterrupt:
         print("trivmm: interrupted", file=sys.stderr)

@@ -346,15 +346,17 @@ class VM:
     def _panicked(self) -> None:
         self._guest_stopped(StopReason.PANIC)
 
-    def powerdown(self) -> None:
-        """Press the guest's ACPI power button (QEMU's ``system_powerdown``) and return at once.
+    def powerdown(self) -> bool:
+        """Press the guest's ACPI power button (QEMU's ``system_powerdown``) and return at
+        once: whether the guest listens (it enabled the button's event).
 
         A guest with ACPI and someone listening (Linux's ``button`` driver and systemd-logind
         or acpid) shuts down and powers off; ``wait()`` tells when. A guest without ACPI, or
-        one that ignores the button, runs on: follow with ``stop()`` after a grace period."""
+        one that ignores the button, runs on: follow with ``stop()`` after a grace period --
+        at once when this returned False."""
         if self._stop_reason is not None:
             raise VmError("the VM has already stopped; there is no power button to press")
-        self.acpi_pm.press_power_button()
+        return self.acpi_pm.press_power_button()
 
     async def stop(self) -> VmExit:
         """Stop the guest where it is (as pulling the plug) and wait for ``run()`` to end;

@@ -63,11 +63,15 @@ class AcpiPm:
             value = self._regs[offset : offset + len(data)]
         data[:] = value if offset != RESET_OFFSET else bytes(len(data))
 
-    def press_power_button(self) -> None:
-        """A press of the fixed-feature power button: PWRBTN_STS set, the SCI raised if enabled."""
+    def press_power_button(self) -> bool:
+        """A press of the fixed-feature power button: PWRBTN_STS set, the SCI raised if
+        enabled. Returns whether the guest enabled the event (PWRBTN_EN): one that did not
+        (no ACPI, or no driver for the button) will never see the press."""
         with self._lock:
             self._regs[1] |= PWRBTN_STS >> 8
+            (enable,) = struct.unpack_from("<H", self._regs, PM1_EVENT_OFFSET + 2)
         self._update_sci()
+        return bool(enable & PWRBTN_STS)
 
     def _sci_wanted(self) -> bool:
         status, enable = struct.unpack_from("<HH", self._regs, PM1_EVENT_OFFSET)

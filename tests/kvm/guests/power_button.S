@@ -1,6 +1,7 @@
 /* Waits for the ACPI power button: enables PWRBTN_EN (PM1 enable, bit 8), logs 1, polls
  * PM1 status until PWRBTN_STS is set, clears it (write one), logs the status it saw, and
- * powers off through PM1 control -- what an ACPI guest does when its button is pressed. */
+ * powers off through PM1 control -- what an ACPI guest does when its button is pressed.
+ * With IGNORE patched to 1 it goes back to waiting instead (enabled, but never obeys). */
         .include "common.inc"
         .code32
         .text
@@ -22,5 +23,11 @@ _start:
         movzwl  %ax, %ecx
         LOG     %ebx                    /* the status seen with the button pressed */
         LOG     %ecx                    /* the status after the clear */
+        cmpl    $0, ignore
+        jne     1b                      /* IGNORE set: a guest that listens but never powers off */
         POWER_OFF_NOW
+
+        .data
+        .globl ignore
+ignore: .long   0
         PVH_NOTE _start
