@@ -601,8 +601,8 @@ class _Run:
                 try:
                     with sending:
                         await writer.header()
-                        await writer.section(SectionKind.CONFIG, "config",
-                                             encode_state(SavedConfig.of(self.vm, names, running=not self.was_paused)))  # fmt: skip
+                        saved = SavedConfig.of(self.vm, names, running=not self.was_paused)
+                        await writer.section(SectionKind.CONFIG, "config", encode_state(saved))
                         if self.progress.cold:
                             await self._cold(writer, devices)
                         else:
