@@ -183,7 +183,8 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--vnc", metavar="unix:PATH|HOST:PORT",
                      help="a VNC (RFB 3.8) server for the display, no password: a unix socket (mode 0600) or "
                           "TCP on a loopback address (another address only with ,allow-remote=on); keys and "
-                          "pointer go to the PS/2 keyboard and mouse (needs --display)")  # fmt: skip
+                          "pointer go to the PS/2 keyboard and mouse (needs --display, or --incoming with a guest that "
+                          "has a display)")  # fmt: skip
     run.add_argument("--incoming", metavar="URI",
                      help="receive the guest from a migration instead of booting one: tcp:HOST:PORT or "
                           "unix:PATH (listen there until a migration succeeds) or file:PATH (a snapshot); "
@@ -403,10 +404,15 @@ def _guest(args: argparse.Namespace) -> int:
 def _check_display_options(args: argparse.Namespace) -> None:
     from trivmm.errors import ConfigError
 
-    if args.vnc is not None and args.display is None:
+    if args.incoming is not None:  # the display, if any, comes with the guest
+        if args.display is not None:
+            raise ConfigError("--display: with --incoming the display comes from the migration stream")
+        if args.vnc is not None:
+            from trivmm.vnc import VncEndpoint
+
+            VncEndpoint.parse(args.vnc)  # bad syntax is bad input before anything is received
+    elif args.vnc is not None and args.display is None:
         raise ConfigError("--vnc needs a display: add --display WIDTHxHEIGHT")
-    if args.incoming is not None and args.display is not None:
-        raise ConfigError("--display/--vnc: not with --incoming (a snapshot does not carry the framebuffer yet)")
 
 
 @contextlib.contextmanager
@@ -496,21 +502,30 @@ async def _run_incoming(args: argparse.Namespace, config: VmConfig, stdin: _FdRe
                     print(f"trivmm: an incoming migration failed: {exc}; waiting for another", file=sys.stderr,
                           flush=True)  # fmt: skip
 
-    if args.api_sock is None:
-        with await receive() as vm:
+    def arrived(vm: VM) -> None:
+        if args.vnc is not None and vm.display is None:
+            raise ConfigError("--vnc: the guest that came has no display")
+        if vm.start_paused:
+            print("trivmm: the guest is here, paused as its source was (QMP cont resumes it)", file=sys.stderr,
+                  flush=True)  # fmt: skip
+        else:
             print("trivmm: the guest runs here", file=sys.stderr, flush=True)
-            return await vm.run()
+
+    if args.api_sock is None:
+        with await receive() as vm, _vnc_server(vm, args) as vnc:
+            arrived(vm)
+            return await _beside_vnc(vnc, vm.run)
     from trivmm.qmp import QmpServer
 
     with QmpServer(None, args.api_sock, migration=_Incoming()) as server:
         try:
             async with anyio.create_task_group() as tg:
                 await tg.start(server.serve)  # query-status: "inmigrate" meanwhile
-                with await receive() as vm:
+                with await receive() as vm, _vnc_server(vm, args) as vnc:
                     server.attach(vm)
                     _serve_migration(vm, server)
-                    print("trivmm: the guest runs here", file=sys.stderr, flush=True)
-                    result = await vm.run()
+                    arrived(vm)
+                    result = await _beside_vnc(vnc, vm.run)
         except BaseExceptionGroup as group:
             raise _one_error(group) from None
     return result

@@ -7,14 +7,17 @@ redraws for ever."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
 import pytest
 
 import trivmm
-from tests.kvm.test_display import DONE, HEIGHT, WIDTH, display_guest, native_pattern, wait_for
+from tests.kvm.test_display import BLUE, DONE, HEIGHT, WIDTH, display_guest, native_pattern, wait_for
 from tests.kvm.test_qmp import BACKENDS
+from tests.unit.rfb_client import RfbClient
 from trivmm import VM, MigrationError, VmConfig
 from trivmm.devices.display import Rect
 from trivmm.migration import listen
@@ -97,3 +100,46 @@ def test_hot_migration_carries_the_framebuffer_as_it_was_at_the_switch_over(back
             assert damage == [SCREEN]
 
     anyio.run(main, backend=backend)
+
+
+def test_run_incoming_serves_vnc_for_the_display_that_came(tmp_path: Path) -> None:
+    """``run --incoming file:SNAP --vnc unix:PATH``: the display comes with the guest, the
+    first screen a viewer asks for is the guest's pattern (no redraw needed), and the
+    restored keyboard still works (Escape powers the guest off)."""
+    config = VmConfig(kernel=display_guest(tmp_path), memory="16M", display=(WIDTH, HEIGHT))
+    snapshot, socket_path = tmp_path / "display.snap", tmp_path / "in.sock"
+
+    async def take() -> None:
+        async with trivmm.open_vm(config) as source:
+            await wait_for(lambda: source.memory is not None and source.memory.read_u32(DONE) == 1)
+            await source.snapshot(snapshot)
+
+    anyio.run(take)
+    refused = subprocess.run([sys.executable, "-m", "trivmm", "run", "--incoming", f"file:{snapshot}",
+                              "--display", "640x480"], capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode == 2 and "the display comes from the migration stream" in refused.stderr
+    process = subprocess.Popen([sys.executable, "-m", "trivmm", "run", "--incoming", f"file:{snapshot}",
+                                "--vnc", f"unix:{socket_path}"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+    async def view() -> None:
+        await wait_for(socket_path.exists)
+        client = await RfbClient.connect(str(socket_path))
+        assert (client.width, client.height) == (WIDTH, HEIGHT)
+        await client.request()
+        with anyio.fail_after(10):
+            screen = await client.read_update()
+        assert screen[-1][5][-4:] == bytes([BLUE, (HEIGHT - 1) & 0xFF, (WIDTH - 1) & 0xFF, 0])
+        await client.key(0xFF1B, True)  # Escape: the guest powers off
+        await client.key(0xFF1B, False)
+        await client.closed()
+
+    try:
+        anyio.run(view)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, stderr
+    assert b"the guest runs here" in stderr and f"VNC server on unix:{socket_path}".encode() in stderr
