@@ -398,10 +398,16 @@ class VM:
         self._ran = True
         finished = self._finished_event()
         self._caller = LoopCaller.current()
-        if self.start_paused:  # the threads park as they start; pause() and paused agree
+        if self.start_paused:
+            # The threads park as they start, before any ioctl on their vCPU: the guest is
+            # paused from here on, not only once each thread has said so. (Otherwise a
+            # snapshot, a migration or QMP's status taken meanwhile sees a running guest --
+            # and the first two resume it after; QMP's cont does nothing.)
             self._pause_done = anyio.Event()
             for runner in self.runners:
                 runner.request_pause()
+            self._paused = set(range(len(self.runners)))
+            self._pause_done.set()
         task_status.started()
         try:
             result = await self._run_with_console()

@@ -451,3 +451,34 @@ def test_a_guest_that_was_paused_comes_back_paused(backend: str, tmp_path: Path)
             await wait_for(lambda: counter(vm) > frozen + 100_000)
 
     run_on(backend, main)
+
+
+def test_a_guest_restored_paused_counts_as_paused_before_its_threads_park(backend: str, tmp_path: Path) -> None:
+    """A restored guest whose source was paused is paused from the moment run() starts,
+    not only once every vCPU thread has parked: a snapshot taken at once keeps it paused
+    (it used to see a running guest, and resume it after), and ``resume`` still lets it go."""
+    elf = assemble("cpl3_loop", tmp_path)
+    config = VmConfig(kernel=elf, memory="16M")
+    paused_snap = tmp_path / "paused.snap"
+
+    async def main() -> None:
+        async with trivmm.open_vm(config) as source:
+            await wait_for(lambda: counter(source) > 1000)
+            await source.pause()
+            await source.snapshot(paused_snap)
+            frozen = counter(source)
+        vm = await VM.restore(paused_snap)
+        with vm:
+            async with anyio.create_task_group() as tg:
+                await tg.start(vm.run)
+                assert vm.paused, "a guest restored paused reads as running before its threads park"
+                info = await vm.snapshot(tmp_path / "again.snap")
+                assert info.pages > 0
+                assert vm.paused
+                await anyio.sleep(0.2)
+                assert counter(vm) == frozen, "the snapshot resumed a guest that was restored paused"
+                await vm.resume()
+                await wait_for(lambda: counter(vm) > frozen + 100_000)
+                await vm.stop()
+
+    run_on(backend, main)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 
 from trivmm.boot.acpi import acpi_tables
-from trivmm.devices.acpi_pm import PM1_EVENT_OFFSET, PWRBTN_STS, AcpiPm
+from trivmm.devices.acpi_pm import PM1_CONTROL_OFFSET, PM1_EVENT_OFFSET, POWER_OFF_VALUE, PWRBTN_STS, AcpiPm
 
 
 def _pm() -> tuple[AcpiPm, list[bool]]:
@@ -68,3 +68,18 @@ def test_the_fadt_announces_a_fixed_power_button() -> None:
     assert not flags & (1 << 4), "PWR_BUTTON set: the FADT says there is no fixed power button"
     assert flags & (1 << 5)  # no fixed sleep button
     assert struct.unpack_from("<H", blobs[b"FACP"], 46)[0] == 9  # SCI_INT
+
+
+def test_a_dword_across_enable_and_control_acts_on_both_registers() -> None:
+    """A 32-bit write at offset 2 covers PM1 enable and PM1 control: the control half is a
+    control write (S5 + SLP_EN powers off, SLP_EN reads back clear, SCI_EN stays set), not
+    raw bytes stored past the control register's rules."""
+    powered_off: list[bool] = []
+    levels: list[bool] = []
+    pm = AcpiPm(lambda: powered_off.append(True), lambda: None, levels.append)
+    pm.write(PM1_EVENT_OFFSET + 2, memoryview(bytearray(struct.pack("<HH", PWRBTN_STS, POWER_OFF_VALUE))))
+    assert powered_off == [True]
+    assert _read16(pm, PM1_CONTROL_OFFSET) == (POWER_OFF_VALUE & ~0x2000) | 0x0001
+    assert _read16(pm, PM1_EVENT_OFFSET + 2) == PWRBTN_STS
+    pm.press_power_button()
+    assert levels == [True]

@@ -60,7 +60,7 @@ def test_the_destination_takes_resends_only_over_pages_already_sent() -> None:
     memory = GuestMemory.from_ranges([(0, 16 * PAGE_SIZE), (1 << 20, 8 * PAGE_SIZE)])
 
     async def main() -> None:
-        receiver = _MemoryReceiver(memory)
+        receiver = _MemoryReceiver(list(memory))  # its slots, as saved_regions gives them
         first = MemoryRun(0, 0, 4, b"\x01" * 4 * PAGE_SIZE)
         receiver.check(first)
         await receiver.write(first)

@@ -91,6 +91,13 @@ class AcpiPm:
                 self._sci(level)
 
     def write(self, offset: int, data: memoryview) -> None:
+        if offset < PM1_CONTROL_OFFSET < offset + len(data):
+            # One access across the event block and PM1 control (a dword at 2): each part
+            # by its own register's rules, or the control half would skip them.
+            split = PM1_CONTROL_OFFSET - offset
+            self.write(offset, data[:split])
+            self.write(PM1_CONTROL_OFFSET, data[split:])
+            return
         with self._lock:
             if offset < PM1_CONTROL_OFFSET:
                 if offset < 2:  # status bits are write-one-to-clear
