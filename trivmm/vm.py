@@ -577,15 +577,17 @@ class VM:
     @classmethod
     async def restore(cls, source: SnapshotSource, config: VmConfig | None = None, *,
                       console_output: ConsoleOutput = None, console_input: ConsoleInput = None,
-                      kvm_path: str = "/dev/kvm", verify_memory: bool = False) -> VM:  # fmt: skip
+                      kvm_path: str = "/dev/kvm", verify_memory: bool = False,
+                      map_memory: bool = True) -> VM:  # fmt: skip
         """A VM built from a snapshot file or stream, ready to ``run()`` on where the source
         stopped; ``config`` (None: the snapshot's) must match the source's shape. A snapshot
         file's memory is mapped copy-on-write, read as the guest touches it (keep the file
-        unchanged while the VM lives); ``verify_memory`` checks its checksums first."""
+        unchanged while the VM lives: see docs/migration.md); ``verify_memory`` checks its
+        checksums first; ``map_memory=False`` copies it into the VM's own memory instead."""
         from trivmm.migration import restore_vm
 
         return await restore_vm(source, config, console_output=console_output, console_input=console_input,
-                                kvm_path=kvm_path, verify_memory=verify_memory)  # fmt: skip
+                                kvm_path=kvm_path, verify_memory=verify_memory, map_memory=map_memory)  # fmt: skip
 
     # --- migration (trivmm.migration, docs/migration.md) ----------------------------------
     @functools.cached_property

@@ -482,3 +482,28 @@ def test_a_guest_restored_paused_counts_as_paused_before_its_threads_park(backen
                 await vm.stop()
 
     run_on(backend, main)
+
+
+def test_map_memory_off_copies_the_images_and_the_file_may_go(backend: str, tmp_path: Path) -> None:
+    """``VM.restore(path, map_memory=False)``: the images are read into the VM's own memory
+    (holes skipped), so the file may be truncated or removed while the guest runs."""
+    elf = assemble("cpl3_loop", tmp_path)
+    path = tmp_path / "spin.snap"
+
+    async def main() -> None:
+        async with trivmm.open_vm(VmConfig(kernel=elf, memory="16M")) as source:
+            await wait_for(lambda: counter(source) > 1000)
+            await source.snapshot(path, resume=False)
+            frozen = counter(source)
+        vm = await VM.restore(path, map_memory=False)
+        with vm:
+            assert vm.memory is not None
+            assert _mapped_file_at(vm.memory.regions[0].host_address) is None
+            assert counter(vm) == frozen
+            os.truncate(path, 0)  # a mapped VM would die of SIGBUS at its next touch of the file
+            async with anyio.create_task_group() as tg:
+                await tg.start(vm.run)
+                await wait_for(lambda: counter(vm) > frozen + 100_000)
+                await vm.stop()
+
+    run_on(backend, main)

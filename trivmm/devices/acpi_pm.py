@@ -141,5 +141,9 @@ class AcpiPm:
         with self._lock:
             self._regs[:] = state.registers
             self._regs[PM1_CONTROL_OFFSET] |= _SCI_EN  # always in ACPI mode, as a write leaves it
-            # The line's level itself travels in the irqchip state; only remember it here.
-            self._sci_level = self._sci_wanted()
+            level = self._sci_wanted()
+        # KVM's irqchip state does not carry the level of a line driven by KVM_IRQ_LINE:
+        # raise it again, as the other devices do (a level line raised twice is harmless).
+        self._sci_level = False
+        if level:
+            self._update_sci()

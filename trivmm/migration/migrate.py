@@ -571,6 +571,7 @@ class _Run:
         # framebuffer goes whole in round 0 and again whole at stop-and-copy (_extra_bits).
         self.regions = saved_regions(self.vm)
         self.ram_slots = len(list(self.vm.memory))
+        self._extra_bytes = sum(region.size for region in self.regions[self.ram_slots :])
         self.dirty: DirtyLog | None = None
         self.was_paused = self.vm.paused
         self.paused_by_us = False
@@ -686,7 +687,8 @@ class _Run:
             if storage is not None:
                 written = storage.written()
                 progress.disk_remaining = sum(length for _, _, length in written)
-            remaining = dirty_pages * PAGE_SIZE + progress.disk_remaining
+            # The framebuffer, if any, goes whole at stop-and-copy: it counts against the downtime.
+            remaining = dirty_pages * PAGE_SIZE + progress.disk_remaining + self._extra_bytes
             allowed = progress.bandwidth * parameters.downtime_limit_ms / 1000
             progress.expected_downtime = remaining / progress.bandwidth if progress.bandwidth else None
             self.engine._emit("MIGRATION_PASS", {"pass": progress.rounds})

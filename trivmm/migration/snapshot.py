@@ -455,7 +455,7 @@ def _discard_fd(fd: int, partial: str) -> None:
 async def restore_vm(source: SnapshotSource, config: VmConfig | None = None, *, console_output: ConsoleOutput = None,
                      console_input: ConsoleInput = None, kvm_path: str = "/dev/kvm",
                      adapt: Callable[[VmConfig], VmConfig] | None = None,
-                     verify_memory: bool = False) -> VM:  # fmt: skip
+                     verify_memory: bool = False, map_memory: bool = True) -> VM:  # fmt: skip
     """A VM built from the snapshot or stream ``source``, its state applied, ready to
     ``run()`` on from where the source stopped. ``config`` (None: the snapshot's own,
     passed through ``adapt`` if given -- e.g. a destination's own disk paths) must have the
@@ -463,7 +463,9 @@ async def restore_vm(source: SnapshotSource, config: VmConfig | None = None, *, 
     ``MigrationError``, as it does for any problem with the stream; the VM built so far is
     then closed. A snapshot file (version 3) has its memory mapped, not read:
     ``verify_memory`` reads it first to check its checksums (every other section is always
-    checked)."""
+    checked); ``map_memory=False`` copies it into the VM's own memory instead (slower, but
+    the VM no longer depends on the file: a mapped file truncated under a running VM kills
+    the process with SIGBUS at the next touch of a page it lost)."""
     from trivmm.vm import VM
 
     async with _source_for(source) as (stream, file):
@@ -485,7 +487,7 @@ async def restore_vm(source: SnapshotSource, config: VmConfig | None = None, *, 
         with anyio.CancelScope(shield=True):  # a VM built is a VM closed below
             vm = await anyio.to_thread.run_sync(build)
         try:
-            await _receive(vm, saved, reader, file, verify_memory)
+            await _receive(vm, saved, reader, file, verify_memory, map_memory)
             if file is not None and reader.version != MAPPED_VERSION:
                 await reader.expect_end_of_input()
         except BaseException:
@@ -512,7 +514,7 @@ async def _source_for(source: SnapshotSource) -> AsyncIterator[tuple[ByteSource,
 
 
 async def _receive(vm: VM, saved: SavedConfig, reader: StreamReader, file: IO[bytes] | None = None,
-                   verify_memory: bool = False) -> None:  # fmt: skip
+                   verify_memory: bool = False, map_memory: bool = True) -> None:  # fmt: skip
     """Read the sections after CONFIG into ``vm`` (built with ``incoming=True``); a version
     3 ``file``'s slot images are mapped once every section has been checked."""
     assert vm.memory is not None
@@ -568,7 +570,7 @@ async def _receive(vm: VM, saved: SavedConfig, reader: StreamReader, file: IO[by
             raise MigrationError("the snapshot file has no memory map")
         assert file is not None
         await anyio.to_thread.run_sync(_map_images, regions, images, file.fileno(), reader.sections_end,
-                                       verify_memory)  # fmt: skip
+                                       verify_memory, map_memory)  # fmt: skip
     else:
         memory.check_complete()
         await disks.finish()
@@ -580,9 +582,10 @@ async def _receive(vm: VM, saved: SavedConfig, reader: StreamReader, file: IO[by
 
 
 def _map_images(regions: list[MemoryRegion], images: list[MemoryMapEntry], fd: int, sections_end: int,
-                verify: bool) -> None:  # fmt: skip
+                verify: bool, map_memory: bool = True) -> None:  # fmt: skip
     """Check a version 3 file's map against the slots and the file, then map each image
-    copy-on-write over its slot (``verify``: check the images' checksums first)."""
+    copy-on-write over its slot (``verify``: check the images' checksums first;
+    ``map_memory=False``: copy each image's data into the slot instead)."""
     if sorted(entry.slot for entry in images) != list(range(len(regions))):
         raise MigrationError(f"the memory map names slots {sorted(e.slot for e in images)}; "
                              f"this VM has {len(regions)}")  # fmt: skip
@@ -607,9 +610,35 @@ def _map_images(regions: list[MemoryRegion], images: list[MemoryMapEntry], fd: i
             _verify_image(fd, entry)
     for entry in images:
         try:
-            regions[entry.slot].map_file_private(fd, entry.file_offset)
+            if map_memory:
+                regions[entry.slot].map_file_private(fd, entry.file_offset)
+            else:
+                _read_image(fd, entry.file_offset, regions[entry.slot])
         except (OSError, ValueError) as exc:
-            raise MigrationError(f"cannot map slot {entry.slot}'s image: {exc}") from None
+            raise MigrationError(f"cannot {'map' if map_memory else 'read'} slot {entry.slot}'s image: {exc}") from None
+
+
+def _read_image(fd: int, offset: int, region: MemoryRegion) -> None:
+    """Copy an image's data extents (SEEK_DATA/SEEK_HOLE: holes are zero pages, left
+    untouched in the fresh slot) into ``region``."""
+    end = offset + region.size
+    at = offset
+    with memoryview(region.mapping) as memory:
+        while at < end:
+            try:
+                data = os.lseek(fd, at, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after ``at``
+                return
+            if data >= end:
+                return
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            view = memory[data - offset : hole - offset]
+            while view:
+                count = os.preadv(fd, [view], data)
+                if count <= 0:
+                    raise OSError(f"the file ended at byte {data} inside slot data")
+                view, data = view[count:], data + count
+            at = hole
 
 
 def _verify_image(fd: int, entry: MemoryMapEntry) -> None:
