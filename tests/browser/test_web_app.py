@@ -278,3 +278,121 @@ def test_serve_web_on_hypercorn(backend: str, tmp_path: Path) -> None:
     anyio.run(main, backend=backend)
     assert manager.info("h").state is VmState.STOPPED
     assert stat.S_IMODE(os.stat(tmp_path / "web-token").st_mode) == 0o600
+
+
+@pytest.mark.parametrize(("path", "logged_in"), [("/login", False), ("/api/vms", True), ("/api/vms/a/start", True)])
+def test_an_oversized_body_is_refused_without_being_read(path: str, logged_in: bool) -> None:
+    """A client (logged in or not) streaming a huge body gets 413 after the first chunk past
+    the limit; the service does not buffer the rest (it used to read all of it first)."""
+    console = WebConsole(cast(Any, FakeManager()), TOKEN)
+    app = console.app()
+    headers = [(b"host", b"h"), (b"origin", b"http://h"), (b"content-type", b"application/json")]
+    if logged_in:
+        session_id, session = console.sessions.create()
+        headers += [(b"cookie", f"{COOKIE}={session_id}".encode()), (b"x-csrf-token", session.csrf.encode())]
+    pulled = 0
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal pulled
+        pulled += 1
+        return {"type": "http.request", "body": b"x" * (1 << 20), "more_body": pulled < 100}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": headers, "scheme": "http", "server": ("h", 80), "client": ("192.0.2.1", 5),
+             "root_path": "", "http_version": "1.1", "asgi": {"version": "3.0"}}  # fmt: skip
+    anyio.run(app, scope, receive, send)
+    assert sent[0]["status"] == 413 and pulled == 1
+    assert b"over" in sent[1]["body"]
+    declared = [*headers, (b"content-length", str(1 << 30).encode())]
+    pulled, sent = 0, []
+    anyio.run(app, {**scope, "headers": declared}, receive, send)
+    assert sent[0]["status"] == 413 and pulled == 0
+
+
+
+def _console_typed_then_gone(port: int, cookie: str) -> None:
+    """A raw websocket client (wsproto, as hypercorn uses): attaches to VM a's console,
+    types, closes and goes."""
+    import wsproto
+    import wsproto.events
+
+    origin = f"http://127.0.0.1:{port}"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        request = wsproto.events.Request(host=f"127.0.0.1:{port}", target="/api/vms/a/console",
+                                         extra_headers=[(b"origin", origin.encode()), (b"cookie", cookie.encode())])
+        sock.sendall(ws.send(request))
+        ws.receive_data(sock.recv(65536))
+        assert any(isinstance(event, wsproto.events.AcceptConnection) for event in ws.events())
+        sock.sendall(ws.send(wsproto.events.BytesMessage(data=b"typed ahead of the guest")))
+        sock.sendall(ws.send(wsproto.events.CloseConnection(code=1000)))
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_a_console_client_gone_while_the_guest_reads_no_input_is_let_go(
+        backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Typing into a guest that never drains its serial port used to hold the websocket's
+    reader in ``send``, and hypercorn drops what is sent to a closed websocket silently, so
+    a client that left was never noticed: its console stayed attached (a task and a buffer
+    per such client) until the VM stopped."""
+    from tests.browser.fake_manager import FakeConsole
+
+    async def never_drained(self: FakeConsole, data: bytes) -> None:
+        await anyio.sleep_forever()
+
+    monkeypatch.setattr(FakeConsole, "send", never_drained)
+    manager = FakeManager()
+
+    async def main() -> None:
+        async with anyio.create_task_group() as group:
+            port = await group.start(serve_web, cast(Any, manager), "127.0.0.1", 0, tmp_path)
+            base = f"http://127.0.0.1:{port}"
+            async with httpx.AsyncClient(base_url=base) as client:
+                await client.post("/login", data={"token": (tmp_path / "web-token").read_text().strip()},
+                                  headers={"origin": base})  # fmt: skip
+                headers = {"origin": base, "x-csrf-token": (await client.get("/api/session")).json()["csrf"]}
+                await client.post("/api/vms", json={"name": "a", "options": ""}, headers=headers)
+                await client.post("/api/vms/a/start", json={}, headers=headers)
+                cookie = f"{COOKIE}={client.cookies[COOKIE]}"
+            for _ in range(3):
+                await anyio.to_thread.run_sync(_console_typed_then_gone, port, cookie)
+            with anyio.move_on_after(5):
+                while manager._consoles:
+                    await anyio.sleep(0.02)
+            assert manager._consoles == []
+            group.cancel_scope.cancel()
+
+    anyio.run(main, backend=backend)
+
+
+def test_input_a_guest_does_not_read_is_bounded(manager_and_client: tuple[FakeManager, TestClient],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Over MAX_PENDING_INPUT bytes typed ahead of a guest that does not read them close the
+    console (1008) rather than pile up in the service."""
+    from tests.browser.fake_manager import FakeConsole
+    from trivmm.host.web._app import MAX_PENDING_INPUT
+
+    async def never_drained(self: FakeConsole, data: bytes) -> None:
+        await anyio.sleep_forever()
+
+    monkeypatch.setattr(FakeConsole, "send", never_drained)
+    manager, client = manager_and_client
+    headers = log_in(client)
+    client.post("/api/vms", json={"name": "a", "options": ""}, headers=headers)
+    client.post("/api/vms/a/start", json={}, headers=headers)
+    with client.websocket_connect("/api/vms/a/console", headers=ORIGIN) as console:
+        assert console.receive_bytes() == b"hello from a\r\n"
+        for _ in range(4):  # one in the guest's hands, then more than the limit waiting
+            console.send_bytes(b"k" * (MAX_PENDING_INPUT // 2))
+        closed = console.receive()
+        assert closed["type"] == "websocket.close" and closed["code"] == 1008, closed
+    for _ in range(200):
+        if not manager._consoles:
+            break
+        time.sleep(0.01)
+    assert manager._consoles == []

@@ -279,3 +279,70 @@ async def test_a_vm_whose_kernel_is_gone_fails_to_start_with_the_reason(state_di
         assert manager.info("broken").last_exit.startswith("error: ")  # type: ignore[union-attr]
         await manager.undefine("broken")
 
+
+
+async def test_a_state_directory_others_may_write_is_refused(state_dir: Path) -> None:
+    """A pre-made state directory (e.g. /tmp/vms) others can write could hold their
+    web-token or definitions: the manager and the service refuse it and write nothing."""
+    from trivmm.errors import ConfigError
+    from trivmm.host import HostError
+    from trivmm.host.service import serve
+
+    state_dir.mkdir(mode=0o700)
+    state_dir.chmod(0o777)
+    with pytest.raises(HostError, match=r"can be written by others \(mode 777\): chmod 700"):
+        async with HostManager.open(state_dir):
+            pass
+    with pytest.raises(ConfigError, match="can be written by others"):  # exit status 2
+        await serve(state_dir, None)
+    assert os.listdir(state_dir) == []
+    state_dir.chmod(0o700)
+    async with HostManager.open(state_dir) as manager:
+        assert manager.list() == []
+
+
+async def test_a_kernel_or_disk_that_is_no_file_is_refused_at_start(state_dir: Path, tmp_path: Path) -> None:
+    """A FIFO kernel used to wedge the start in its shielded build thread (a forced stop and
+    the service's own shutdown then waited for ever); /dev/zero would be read for ever."""
+    fifo = tmp_path / "kernel.fifo"
+    os.mkfifo(fifo)
+    with anyio.fail_after(10):
+        async with HostManager.open(state_dir) as manager:
+            await manager.define("fifo", ["--kernel", str(fifo)])
+            await manager.define("zero", ["--initrd", "/dev/zero"])
+            await manager.define("disk", ["--disk", str(fifo)])
+            for name, what in (("fifo", f"kernel {fifo} is not a regular file"),
+                               ("zero", "initrd /dev/zero is not a regular file"),
+                               ("disk", f"disk {fifo} is not a file or block device")):  # fmt: skip
+                with pytest.raises(InvalidDefinition, match=f"VM '{name}' could not start: the {what}"):
+                    await manager.start(name)
+                assert manager.info(name).state is VmState.CRASHED
+
+
+@pytest.mark.kvm
+async def test_a_database_that_cannot_record_a_stop_loses_the_record_not_the_service(
+        state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A SQLite error (a full disk) while a VM's end is recorded used to escape its task
+    into the manager's task group: every VM and the service ended with it."""
+    import sqlite3
+
+    async with HostManager.open(state_dir) as manager:
+        await manager.define("hello", [])
+        record = manager.store.set_state
+
+        def disk_full(name: str, state: VmState, *args: Any, **kwargs: Any) -> Any:
+            if state is VmState.STOPPED:
+                raise sqlite3.OperationalError("database or disk is full")
+            return record(name, state, *args, **kwargs)
+
+        monkeypatch.setattr(manager.store, "set_state", disk_full)
+        async with manager.subscribe() as events:
+            await manager.start("hello")
+            await until_state(manager, "hello", VmState.STOPPED)
+            with anyio.fail_after(5):
+                async for event in events:
+                    if event.state is VmState.STOPPED:
+                        break
+        assert manager.info("hello").last_exit == "powered off"
+        await manager.start("hello")  # the service goes on
+        await until_state(manager, "hello", VmState.STOPPED)

@@ -127,3 +127,28 @@ def test_the_console_log_keeps_its_newest_bytes_within_its_bound(tmp_path: Path)
     reopened = ConsoleLog(tmp_path / "console.log", limit=100)  # a smaller bound on reopening
     assert (tmp_path / "console.log").stat().st_size == 50
     reopened.close()
+
+
+def test_a_commit_that_fails_leaves_no_transaction_open(tmp_path: Path) -> None:
+    """A COMMIT that fails (a full disk) used to leave the transaction open, so every later
+    change failed with 'cannot start a transaction within a transaction'."""
+    store = Store(tmp_path / "db")
+    real = store._db
+
+    class CommitFails:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("database or disk is full")
+            return real.execute(sql, *args)
+
+    store._db = CommitFails()  # type: ignore[assignment]
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        store.define(VmDefinition("a", ()))
+    store._db = real
+    assert not real.in_transaction
+    store.define(VmDefinition("b", ()))
+    assert [stored.definition.name for stored in store.vms()] == ["b"]
+    store.close()

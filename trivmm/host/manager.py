@@ -15,7 +15,10 @@ import builtins
 import collections
 import contextlib
 import functools
+import logging
 import os
+import sqlite3
+import stat
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
     from trivmm.vm import VM, VmExit
     from trivmm.vnc import VncServer
 
-__all__ = ["HostManager", "ConsoleAttachment", "default_state_dir", "vm_config", "CONSOLE_HISTORY",
+__all__ = ["HostManager", "ConsoleAttachment", "default_state_dir", "make_state_dir", "vm_config", "CONSOLE_HISTORY",
            "SUBSCRIBER_BUFFER", "ATTACHMENT_BUFFER", "RESET_LIMIT", "STOP_GRACE"]  # fmt: skip
 
 CONSOLE_HISTORY = 64 << 10  # bytes of the console log an attaching console gets first
@@ -58,6 +61,7 @@ STATE_DB = "trivmm.db"
 _REFUSED_OPTIONS = {"incoming": "--incoming", "vnc": "--vnc", "api_sock": "--api-sock"}
 
 T = TypeVar("T")
+_log = logging.getLogger(__name__)
 
 
 def default_state_dir() -> Path:
@@ -68,6 +72,26 @@ def default_state_dir() -> Path:
     if xdg and os.path.isabs(xdg):
         return Path(xdg) / "trivmm"
     return Path.home() / ".local" / "state" / "trivmm"
+
+
+def make_state_dir(state_dir: Path) -> None:
+    """Create ``state_dir`` (mode 0700) if it is absent, and refuse one that someone else
+    could have planted or may change: not a directory, not owned by this user, or writable
+    by its group or others (a ``/tmp/vms`` another user made first could hold their
+    ``web-token``, or VM definitions with autostart). ``HostError`` saying which."""
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.stat(state_dir)
+    except OSError as exc:
+        raise HostError(f"cannot make the state directory {state_dir}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise HostError(f"the state directory {state_dir} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise HostError(f"the state directory {state_dir} belongs to uid {st.st_uid}, not to this user "
+                        f"({os.geteuid()}): use a directory of your own")  # fmt: skip
+    if st.st_mode & 0o022:
+        raise HostError(f"the state directory {state_dir} can be written by others (mode "
+                        f"{stat.S_IMODE(st.st_mode):o}): chmod 700 it, or use another")  # fmt: skip
 
 
 def vm_config(run_args: Sequence[str]) -> VmConfig:
@@ -87,6 +111,25 @@ def vm_config(run_args: Sequence[str]) -> VmConfig:
         return vm_config_from_args(args)
     except ConfigError as exc:
         raise InvalidDefinition(f"bad run options: {exc}") from None
+
+
+def _check_inputs(config: VmConfig) -> None:
+    """``HostError`` for a kernel or initrd that is not a regular file, or a disk that is
+    neither a regular file nor a block device: reading a FIFO blocks the build's worker
+    thread for good (the start cannot be cancelled, stopped or outlived by the service)
+    and /dev/zero never ends. A path that is absent is left to the build to report."""
+    inputs = [("kernel", config.kernel, False), ("initrd", config.initrd, False)]
+    inputs += [("disk", disk.path, True) for disk in config.disks]
+    for what, path, block_ok in inputs:
+        if path is None:
+            continue
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue
+        if not (stat.S_ISREG(mode) or (block_ok and stat.S_ISBLK(mode))):
+            kind = "a file or block device" if block_ok else "a regular file"
+            raise InvalidDefinition(f"the {what} {path} is not {kind}")
 
 
 class _BoundedQueue(Generic[T]):
@@ -218,7 +261,7 @@ class HostManager:
         recorded states with the fact that no VM runs yet (those recorded as running are
         stopped, "service restarted"), starts the autostart VMs, and on exit stops every VM."""
         state_dir = Path(state_dir).absolute()
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_state_dir(state_dir)
         (state_dir / "vms").mkdir(mode=0o700, exist_ok=True)
         store = Store(state_dir / STATE_DB)
         try:
@@ -353,7 +396,13 @@ class HostManager:
             entry.last_exit = last_exit
         if entry.undefined:
             return
-        self._publish(self.store.set_state(entry.definition.name, state, detail, last_exit=last_exit))
+        name = entry.definition.name
+        try:
+            event = self.store.set_state(name, state, detail, last_exit=last_exit)
+        except sqlite3.Error as exc:  # a full disk, an I/O error: the record is lost, never the VMs
+            _log.error("cannot record VM %s as %s in %s: %s", name, state.value, self.store.path, exc)
+            event = HostEvent(time.time(), name, "state", state, detail)
+        self._publish(event)
 
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[AsyncIterator[HostEvent]]:
@@ -415,6 +464,11 @@ class HostManager:
         except InvalidDefinition as exc:
             self._set_state(entry, VmState.CRASHED, str(exc), last_exit=f"error: {exc}")
             raise
+        try:
+            _check_inputs(config)
+        except InvalidDefinition as exc:
+            self._set_state(entry, VmState.CRASHED, f"start failed: {exc}", last_exit=f"error: {exc}")
+            raise InvalidDefinition(f"VM {name!r} could not start: {exc}") from None
         entry.config = config
         self._set_state(entry, VmState.STARTING)
         directory = self.state_dir / "vms" / name

@@ -14,7 +14,7 @@ import attrs
 
 from trivmm.errors import ConfigError
 from trivmm.host.control import SOCKET_NAME, ControlServer
-from trivmm.host.manager import HostManager
+from trivmm.host.manager import HostManager, make_state_dir
 from trivmm.host.model import HostError
 
 __all__ = ["serve", "ServiceInfo", "DEFAULT_LISTEN", "parse_listen", "LOCK_NAME"]
@@ -67,9 +67,9 @@ async def serve(state_dir: Path, listen: tuple[str, int] | None, *,
     out = sys.stdout if out is None else out
     state_dir = Path(state_dir).absolute()
     try:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot make the state directory {state_dir}: {exc.strerror}") from None
+        make_state_dir(state_dir)  # before the lock file: a directory others may write is refused
+    except HostError as exc:
+        raise ConfigError(str(exc)) from None  # bad input (exit status 2), as before
     lock = _lock_state_dir(state_dir)
     try:
         async with HostManager.open(state_dir) as manager, anyio.create_task_group() as tg:

@@ -1,7 +1,8 @@
 """The web console's Starlette app: pages, the JSON API and the websockets (the live VM
 list, a VM's serial console, its VNC display), all behind ``AuthMiddleware``.
 
-API (JSON; errors are ``{"error": sentence}`` with 400, 401, 403, 404 or 409):
+API (JSON; errors are ``{"error": sentence}`` with 400, 401, 403, 404, 409 or 413: a body
+over 64 KiB, 4 KiB for the log-in form, is refused without being read further):
     GET    /api/session                 {"csrf": token} for the page's state-changing requests
     GET    /api/vms                     [summary, ...]
     POST   /api/vms                     {"name", "options" (run's options, shell-quoted), "autostart"}
@@ -44,6 +45,8 @@ __all__ = ["STATIC", "WebConsole", "summary_json"]
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY = 64 * 1024
+MAX_LOGIN_BODY = 4096
+MAX_PENDING_INPUT = 1 << 20  # bytes a websocket's client may send ahead of the guest or display
 ACTIONS = ("start", "stop", "reset", "pause", "resume")
 MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                ".mjs": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
@@ -65,10 +68,31 @@ def _bad_request(reason: str) -> JSONResponse:
     return JSONResponse({"error": reason}, status_code=400)
 
 
+class _BodyTooLarge(ValueError):
+    """A request body over its limit (413)."""
+
+
+async def _limited_body(request: Request, limit: int) -> bytes:
+    """The request's body, read no further than ``limit`` bytes: ``_BodyTooLarge`` beyond
+    (a Content-Length over it is refused before anything is read), so no client, logged in
+    or not, makes the service buffer more."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _BodyTooLarge(f"the request body is over {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _BodyTooLarge(f"the request body is over {limit} bytes")
+    return bytes(body)
+
+
+def _too_large(exc: _BodyTooLarge) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=413, headers={"connection": "close"})
+
+
 async def _json_body(request: Request) -> dict[str, Any]:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise ValueError(f"request body over {MAX_BODY} bytes")
+    body = await _limited_body(request, MAX_BODY)
     if not body:
         return {}
     try:
@@ -143,9 +167,10 @@ class WebConsole:
         if wait > 0:
             return JSONResponse({"error": f"too many failed log-ins; try again in {wait:.0f} s"}, status_code=429,
                                 headers={"retry-after": str(int(wait) + 1)})  # fmt: skip
-        body = await request.body()
-        if len(body) > 4096:
-            return _bad_request("log-in form too large")
+        try:
+            body = await _limited_body(request, MAX_LOGIN_BODY)
+        except _BodyTooLarge as exc:
+            return _too_large(exc)
         form = parse_qs(body.decode("latin-1"))
         token = (form.get("token") or [""])[0].strip()
         nxt = _safe_next(form.get("next", [""])[0])
@@ -188,6 +213,8 @@ class WebConsole:
                 run_args = shlex.split(options)
             except ValueError as exc:
                 raise ValueError(f"cannot split the options: {exc}") from exc
+        except _BodyTooLarge as exc:
+            return _too_large(exc)
         except ValueError as exc:
             return _bad_request(str(exc))
         try:
@@ -212,6 +239,8 @@ class WebConsole:
             force = body.get("force", False)
             if not isinstance(force, bool):
                 raise ValueError('"force" is true or false')
+        except _BodyTooLarge as exc:
+            return _too_large(exc)
         except ValueError as exc:
             return _bad_request(str(exc))
         manager = self.manager
@@ -309,10 +338,18 @@ async def _close_with_error(websocket: WebSocket, exc: HostError) -> None:
 async def _until_disconnect(websocket: WebSocket, on_data: Callable[[bytes], Awaitable[None]] | None = None
                             ) -> AsyncIterator[anyio.CancelScope]:  # fmt: skip
     """A cancel scope for the caller's work, cancelled when the client goes away; meanwhile
-    the client's messages go to ``on_data`` (bytes; text as UTF-8), or are dropped."""
+    the client's messages go to ``on_data`` (bytes; text as UTF-8), or are dropped.
+
+    The client's messages are read on their own task and handed to ``on_data`` by another,
+    so a disconnect is seen even while ``on_data`` waits (a guest that does not drain its
+    serial port, a VNC server that does not read); at most ``MAX_PENDING_INPUT`` bytes wait
+    for it, beyond which the connection is closed (1008)."""
     scope = anyio.CancelScope()
+    pending = bytearray()
+    wake = anyio.Event()
 
     async def reader() -> None:
+        nonlocal wake
         try:
             while True:
                 message = await websocket.receive()
@@ -321,15 +358,37 @@ async def _until_disconnect(websocket: WebSocket, on_data: Callable[[bytes], Awa
                 data = message.get("bytes")
                 if data is None and message.get("text") is not None:
                     data = message["text"].encode()
-                if data and on_data is not None:
-                    await on_data(data)
+                if not data or on_data is None:
+                    continue
+                pending.extend(data)
+                wake.set()
+                if len(pending) > MAX_PENDING_INPUT:
+                    with contextlib.suppress(Exception):
+                        await websocket.close(1008, "input is not being read (over 1 MiB waits)")
+                    break
         except (WebSocketDisconnect, anyio.BrokenResourceError, anyio.ClosedResourceError, RuntimeError):
             pass
         finally:
             scope.cancel()
 
+    async def writer() -> None:
+        nonlocal wake
+        assert on_data is not None
+        try:
+            while True:
+                await wake.wait()
+                wake = anyio.Event()
+                while pending:
+                    data = bytes(pending)
+                    pending.clear()
+                    await on_data(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError):
+            scope.cancel()  # the VM stopped, or its display closed
+
     async with anyio.create_task_group() as group:
         group.start_soon(reader)
+        if on_data is not None:
+            group.start_soon(writer)
         try:
             yield scope
         finally:
