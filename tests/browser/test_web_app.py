@@ -138,6 +138,11 @@ def test_the_api_defines_starts_stops_and_deletes(manager_and_client: tuple[Fake
     assert bad.status_code == 400 and "bad VM name" in bad.json()["error"]
     quoting = client.post("/api/vms", json={"name": "q", "options": "--kernel 'open"}, headers=headers)
     assert quoting.status_code == 400 and "cannot split" in quoting.json()["error"]
+    relative = client.post("/api/vms", json={"name": "r", "options": "--kernel k --disk d.img,format=raw"},
+                           headers=headers)  # fmt: skip
+    assert relative.status_code == 400 and relative.json()["error"].endswith("directory of yours): k, d.img")
+    unparsable = client.post("/api/vms", json={"name": "u", "options": "--vcpus many"}, headers=headers)
+    assert unparsable.status_code == 400 and "--vcpus" in unparsable.json()["error"]
     assert client.post("/api/vms", content=b"[1]", headers=headers).status_code == 400
     assert client.post("/api/vms/web1/start", json={}, headers=headers).json()["state"] == "running"
     assert client.post("/api/vms/web1/start", json={}, headers=headers).status_code == 409

@@ -19,6 +19,7 @@ from trivmm.host.control import _HEADER, MAX_REQUEST, MAX_RESPONSE, SOCKET_NAME,
 from trivmm.host.model import HostError
 
 __all__ = ["ControlClient", "ServiceUnavailable", "RemoteError", "run_verb", "add_vm_verbs", "canonical_run_args",
+           "relative_paths",
            "ESCAPE", "EXIT_OK", "EXIT_FAILED", "EXIT_BAD_INPUT"]  # fmt: skip
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -101,6 +102,19 @@ def _default_state_dir() -> Path:
 
 
 # --- run options, made independent of the caller's directory ------------------------------------
+def relative_paths(run_args: Sequence[str]) -> list[str]:
+    """The host paths in ``run_args`` (--kernel, --initrd, --disk, the vsock uds) that are
+    not absolute (run's parser's ``ConfigError`` for bad options): a definition made where
+    there is no caller's directory (the web console) must not have any."""
+    from trivmm.cli import parse_run_args
+
+    args = parse_run_args(run_args)
+    paths = [args.kernel, args.initrd, *(spec.partition(",")[0] for spec in args.disk)]
+    if args.vsock:
+        paths += [field[4:] for field in args.vsock.split(",") if field.startswith("uds=")]
+    return [path for path in paths if path and not os.path.isabs(path)]
+
+
 def canonical_run_args(run_args: Sequence[str], cwd: str | None = None) -> list[str]:
     """``run_args`` parsed by run's parser (``ConfigError`` with its message) and written
     back in full option names, with the paths in them (--kernel, --initrd, --disk, the vsock

@@ -35,7 +35,9 @@ from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from trivmm.errors import ConfigError
 from trivmm.host.model import HostError, HostEvent, UnknownVm, VmStateConflict, VmSummary
+from trivmm.host.verbs import relative_paths
 from trivmm.host.web._auth import COOKIE, AuthMiddleware, LoginLimiter, Session, Sessions
 
 if TYPE_CHECKING:
@@ -213,6 +215,13 @@ class WebConsole:
                 run_args = shlex.split(options)
             except ValueError as exc:
                 raise ValueError(f"cannot split the options: {exc}") from exc
+            try:
+                relative = relative_paths(run_args)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from exc
+            if relative:  # the service's directory is nobody's choice: say where
+                raise ValueError(f"give absolute paths (the service has no current directory of yours): "
+                                 f"{', '.join(relative)}")  # fmt: skip
         except _BodyTooLarge as exc:
             return _too_large(exc)
         except ValueError as exc:
