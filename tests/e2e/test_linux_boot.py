@@ -158,7 +158,13 @@ def test_busybox_shell_on_the_serial_console_through_the_cli() -> None:
     )  # fmt: skip
     assert proc.stdin is not None and proc.stdout is not None
     console = bytearray()
-    reader = threading.Thread(target=lambda: [console.extend(c) for c in iter(lambda: proc.stdout.read1(4096), b"")])
+    stdout = proc.stdout
+
+    def read_console() -> None:
+        while chunk := stdout.read1(4096):  # type: ignore[attr-defined]  # a BufferedReader
+            console.extend(chunk)
+
+    reader = threading.Thread(target=read_console)
     reader.start()
 
     def wait_for(text: bytes, seconds: float) -> None:
