@@ -28,6 +28,7 @@ import anyio.abc
 import anyio.lowlevel
 import attrs
 
+from trivmm._groups import first_error
 from trivmm.errors import TrivmmError
 from trivmm.eventfd import close_watched_fd
 
@@ -307,27 +308,8 @@ async def _run_with_api_socket(vm: VM, path: str) -> VmExit:
                 await tg.start(server.serve)
                 result = await vm.run()  # serve() then ends on its own, within FLUSH_TIMEOUT
         except BaseExceptionGroup as group:
-            raise _one_error(group) from None
+            raise first_error(group) from None
     return result
-
-
-def _one_error(group: BaseExceptionGroup) -> BaseException:
-    """The error that matters out of a task group's: Ctrl-C first, then any other than a
-    cancellation."""
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            pending.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
-    cancelled = anyio.get_cancelled_exc_class()
-    for wanted in (KeyboardInterrupt, Exception, cancelled):
-        for exc in leaves:
-            if isinstance(exc, wanted):
-                return exc
-    return group
 
 
 class _FdReceiveStream(anyio.abc.ByteReceiveStream):
@@ -438,7 +420,7 @@ async def _beside_vnc(server: VncServer | None, run: Callable[[], Awaitable[VmEx
             result = await run()
             tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        raise _one_error(group) from None
+        raise first_error(group) from None
     return result
 
 
@@ -527,7 +509,7 @@ async def _run_incoming(args: argparse.Namespace, config: VmConfig, stdin: _FdRe
                     arrived(vm)
                     result = await _beside_vnc(vnc, vm.run)
         except BaseExceptionGroup as group:
-            raise _one_error(group) from None
+            raise first_error(group) from None
     return result
 
 
@@ -702,7 +684,7 @@ def _serve(args: argparse.Namespace) -> int:
                         break
                     tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            raise _one_error(group) from None
+            raise first_error(group) from None
         return EXIT_OK
 
     return anyio.run(main, backend="trio")

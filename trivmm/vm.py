@@ -41,6 +41,7 @@ import anyio.abc
 import anyio.lowlevel
 import attrs
 
+from trivmm._groups import leaf_exceptions
 from trivmm._threads import LoopCaller, ensure_kick_handler, run_in_owned_thread
 from trivmm.boot.acpi import SCI_IRQ
 from trivmm.boot.layout import VIRTIO_MMIO_BASE, VIRTIO_MMIO_GSIS, VIRTIO_MMIO_SLOT, PciLayout, pci_layout, ram_ranges
@@ -675,21 +676,12 @@ def _is_vmdk(path: Path, format: str | None) -> bool:
         return False  # open_image says what is wrong with it
 
 
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        for leaf in _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]:
-            if not any(leaf is seen for seen in out):
-                out.append(leaf)
-    return out
-
-
 def _collapse(group: BaseExceptionGroup) -> BaseException:
     """One error for the caller out of a task group's: a cancellation when that is all
     there is; the one error when there is one; else Ctrl-C first, then trivmm's own errors,
     then KVM's; else the group."""
     cancelled = anyio.get_cancelled_exc_class()
-    leaves = _leaves(group)
+    leaves = leaf_exceptions(group)
     errors = [exc for exc in leaves if not isinstance(exc, cancelled)]
     if not errors:
         return leaves[0]

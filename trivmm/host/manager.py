@@ -28,6 +28,7 @@ import anyio
 import anyio.abc
 import attrs
 
+from trivmm._groups import first_error
 from trivmm.errors import ConfigError, TrivmmError
 from trivmm.host.consolelog import CONSOLE_LOG_LIMIT, ConsoleLog, tail
 from trivmm.host.model import (
@@ -543,7 +544,7 @@ class HostManager:
                 tg.cancel_scope.cancel()  # the VNC server
         except BaseExceptionGroup as group:
             if outcome is None:
-                outcome = _first_error(group)
+                outcome = first_error(group)
         except BaseException as exc:
             if outcome is None:
                 outcome = exc
@@ -733,19 +734,4 @@ async def _stop_vm(vm: VM) -> None:
         await vm.stop()
 
 
-def _first_error(group: BaseExceptionGroup) -> BaseException:
-    """The error that matters in a task group's: not a cancellation, if there is one."""
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop()
-        if isinstance(exc, BaseExceptionGroup):
-            pending.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
-    cancelled = anyio.get_cancelled_exc_class()
-    for exc in leaves:
-        if not isinstance(exc, cancelled):
-            return exc
-    return leaves[0] if leaves else group
 
