@@ -98,20 +98,13 @@ class AcpiPm:
             self.write(offset, data[:split])
             self.write(PM1_CONTROL_OFFSET, data[split:])
             return
-        with self._lock:
-            if offset < PM1_CONTROL_OFFSET:
-                if offset < 2:  # status bits are write-one-to-clear
-                    for i in range(len(data)):
-                        if offset + i < 2:
-                            self._regs[offset + i] &= ~data[i] & 0xFF
-                        else:
-                            self._regs[offset + i] = data[i]
-                else:
-                    self._regs[offset : offset + len(data)] = data
-                events = True
-            else:
-                events = False
-        if events:
+        if offset < PM1_CONTROL_OFFSET:  # the event block: status (write one to clear), enable
+            with self._lock:
+                for i in range(len(data)):
+                    if offset + i < 2:
+                        self._regs[offset + i] &= ~data[i] & 0xFF
+                    else:
+                        self._regs[offset + i] = data[i]
             self._update_sci()
             return
         with self._lock:

@@ -570,7 +570,7 @@ class _Run:
         # migration (the display consumes its own slot's log for screen updates), so the
         # framebuffer goes whole in round 0 and again whole at stop-and-copy (_extra_bits).
         self.regions = saved_regions(self.vm)
-        self.ram_slots = len(list(self.vm.memory))
+        self.ram_slots = len(self.vm.memory.regions)
         self._extra_bytes = sum(region.size for region in self.regions[self.ram_slots :])
         self.dirty: DirtyLog | None = None
         self.was_paused = self.vm.paused

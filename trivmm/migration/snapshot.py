@@ -31,7 +31,7 @@ import mmap
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -43,6 +43,7 @@ from trivmm.config import DiskConfig, NetConfig, VmConfig, VsockConfig
 from trivmm.cpu.quirks import QuirkHooks
 from trivmm.cpu.templates import get_template
 from trivmm.errors import ConfigError, MigrationError
+from trivmm.images._base import pwrite_all
 from trivmm.memory import MemoryRegion
 from trivmm.migration.codec import decode_state, encode_state
 from trivmm.migration.devices import DEVICE_PREFIX, DeviceSet, Quiescent, vm_devices
@@ -334,8 +335,7 @@ async def _send_memory(writer: StreamWriter, regions: list[MemoryRegion]) -> tup
     pages = zero_pages = 0
     for slot, region in enumerate(regions):
         pending: MemoryRun | None = None  # a zero run that the next window may extend
-        for first in range(0, region.pages, _SCAN_WINDOW_PAGES):
-            count = min(_SCAN_WINDOW_PAGES, region.pages - first)
+        for first, count in _windows(region.pages):
             runs = await anyio.to_thread.run_sync(_scan, region, slot, first, count)
             for run in runs:
                 pages += run.pages
@@ -352,6 +352,12 @@ async def _send_memory(writer: StreamWriter, regions: list[MemoryRegion]) -> tup
         if pending is not None:
             await writer.run(pending)
     return pages, zero_pages
+
+
+def _windows(pages: int) -> Iterator[tuple[int, int]]:
+    """(first page, page count) of each scan window over a slot of ``pages`` pages."""
+    for first in range(0, pages, _SCAN_WINDOW_PAGES):
+        yield first, min(_SCAN_WINDOW_PAGES, pages - first)
 
 
 def _scan(region: MemoryRegion, slot: int, first: int, count: int) -> list[MemoryRun]:
@@ -377,8 +383,7 @@ async def _write_mapped(fd: int, regions: list[MemoryRegion], config: bytes,
     pages = zero_pages = written = 0
     for slot, region in enumerate(regions):
         crc = 0
-        for first in range(0, region.pages, _SCAN_WINDOW_PAGES):
-            count = min(_SCAN_WINDOW_PAGES, region.pages - first)
+        for first, count in _windows(region.pages):
             window = functools.partial(_write_image_window, fd, offset, region, slot, first, count, crc)
             crc, zeros = await anyio.to_thread.run_sync(window)
             zero_pages += zeros
@@ -401,20 +406,13 @@ def _write_image_window(fd: int, image_offset: int, region: MemoryRegion, slot: 
         if run.data is None:
             zeros += run.pages
         else:
-            _pwrite_all(fd, run.data, image_offset + run.first_page * PAGE_SIZE)
+            pwrite_all(fd, run.data, image_offset + run.first_page * PAGE_SIZE)
     return image_checksum(iter(runs), crc), zeros
 
 
 def _write_head(fd: int, head: bytes, size: int) -> None:
     os.ftruncate(fd, size)  # the images' trailing zero pages: a hole
-    _pwrite_all(fd, head, 0)
-
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    with memoryview(data) as view:
-        while view:
-            written = os.pwrite(fd, view, offset)
-            view, offset = view[written:], offset + written
+    pwrite_all(fd, head, 0)
 
 
 @contextlib.asynccontextmanager
@@ -645,8 +643,7 @@ def _verify_image(fd: int, entry: MemoryMapEntry) -> None:
     with mmap.mmap(fd, entry.pages * PAGE_SIZE, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ,
                    offset=entry.file_offset) as image:  # fmt: skip
         crc = 0
-        for first in range(0, entry.pages, _SCAN_WINDOW_PAGES):
-            count = min(_SCAN_WINDOW_PAGES, entry.pages - first)
+        for first, count in _windows(entry.pages):
             crc = image_checksum(page_runs(image, entry.slot, first, count), crc)
     if crc != entry.checksum:
         raise MigrationError(f"slot {entry.slot}'s memory image has a bad checksum (the snapshot file is corrupt)")
